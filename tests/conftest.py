@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.s3server import S3Server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DR2_REFERENCE = FIXTURES / "dr2_reference"
@@ -17,3 +20,37 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def dr2_reference() -> Path:
     return DR2_REFERENCE
+
+
+# --- S3: a real SeaweedFS server on loopback (tests/s3server.py) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 server for the whole session, also published through the standard AWS variables.
+
+    Ray workers and any code that uses the default credential chain read ``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``; they are set for the
+    session and restored at its end. Start Ray AFTER this fixture so its workers inherit them.
+    """
+    from pipeline import storage
+
+    server = S3Server.start()
+    mp = pytest.MonkeyPatch()
+    try:
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            mp.delenv(k, raising=False)
+        for k, v in server.env().items():
+            mp.setenv(k, v)
+        storage.reset_clients()
+        yield server
+    finally:
+        mp.undo()
+        storage.reset_clients()
+        server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh empty bucket on the session's S3 server."""
+    return s3_server.make_bucket()

@@ -1,0 +1,865 @@
+"""Storage: one small abstraction over local paths and ``s3://`` URIs.
+
+Everything that reads or writes bytes outside the process goes through here, so that the rest of the
+pipeline handles a URI as a string and never branches on where it lives.
+
+* A URI is either ``s3://bucket/key`` or a local path (an optional ``file://`` is stripped).
+* S3 goes through boto3. The endpoint and region come from :class:`StorageOptions` or, when unset,
+  from the standard chain (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/
+  ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles), which is also what Ray workers inherit.
+  Credentials are never passed through our code and never logged.
+* Retries: every S3 request is retried by botocore's own retry handler (``retries={"mode":
+  "adaptive" | "standard", "max_attempts": N}``): exponential backoff with jitter on throttling
+  (``SlowDown``, 503), 5xx and connection errors; ``adaptive`` adds client-side rate limiting.
+  A body that breaks mid-stream is resumed by :func:`open_read` with a ranged GET at the offset
+  reached (pinned to the object's ETag), which botocore alone does not do.
+* Writes are atomic: :class:`AtomicWriter` makes an object appear under its final name whole or not
+  at all (local: temp file in the same directory, fsync, ``os.replace``; S3: one PUT when small,
+  otherwise a multipart upload completed only on a clean exit and aborted on an exception).
+* Broken infrastructure raises :class:`StorageError` with a message that says what to check (wrong
+  credentials, a missing bucket, an unreachable endpoint); a missing object raises
+  :class:`FileNotFoundError`, as for a local path (STYLE rule 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, BinaryIO, Literal, TypeVar
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+S3_SCHEME = "s3://"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """Broken infrastructure (credentials, bucket, endpoint, checksum): the job must stop."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3. Unset fields fall back to the standard AWS environment/credential chain.
+
+    ``retry_mode``/``max_attempts`` configure botocore's retry handler (backoff with jitter on
+    throttling, 5xx and connection errors). ``part_size`` is the multipart part size of
+    :class:`AtomicWriter` (S3 needs >= 5 MiB for all but the last part); an object smaller than one
+    part is written with a single PUT. ``list_page_size`` is the ``MaxKeys`` of each listing page
+    (S3 caps it at 1000; smaller values exist to test paging cheaply). ``read_chunk_size`` is the
+    buffer of :func:`open_read`.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 10
+    retry_mode: Literal["standard", "adaptive"] = "adaptive"
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    part_size: int = 8 * MiB
+    list_page_size: int = 1000
+    read_chunk_size: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        if self.part_size < 5 * MiB:
+            raise ValueError(f"part_size must be >= 5 MiB (S3 multipart minimum), got {self.part_size}")
+        if not 1 <= self.list_page_size <= 1000:
+            raise ValueError(f"list_page_size must be in 1..1000, got {self.list_page_size}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+
+DEFAULT_OPTIONS = StorageOptions()
+
+
+# --- URIs -------------------------------------------------------------------------------------------
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a non-S3 URI (``file://`` stripped)."""
+    if is_s3(uri):
+        raise ValueError(f"not a local path: {uri!r}")
+    return Path(uri.removeprefix("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` (works for both S3 and local paths)."""
+    out = base.rstrip("/")
+    for p in parts:
+        p = p.strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def relative_to(uri: str, root: str) -> str:
+    """``uri`` relative to ``root`` (a prefix of it), in POSIX form."""
+    r = root.rstrip("/") + "/"
+    if not uri.startswith(r):
+        raise ValueError(f"{uri!r} is not under {root!r}")
+    return uri[len(r) :]
+
+
+# --- S3 client and error translation ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _client_for(options: StorageOptions, pid: int) -> Any:
+    # One client per (options, process): boto3 clients are thread-safe but must not cross a fork.
+    del pid
+    config = Config(
+        retries={"max_attempts": options.max_attempts, "mode": options.retry_mode},
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.read_timeout_s,
+        s3={"addressing_style": options.addressing_style},
+        max_pool_connections=32,
+    )
+    session = boto3.session.Session()
+    client = session.client("s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config)
+    log.debug("S3 client: endpoint=%s region=%s", client.meta.endpoint_url, client.meta.region_name)
+    return client
+
+
+def s3_client(options: StorageOptions | None = None) -> Any:
+    """The cached boto3 S3 client for these options in this process."""
+    return _client_for(options or DEFAULT_OPTIONS, os.getpid())
+
+
+def reset_clients() -> None:
+    """Forget cached clients (after the AWS environment changed, e.g. in tests)."""
+    _client_for.cache_clear()
+
+
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "403",
+    "Forbidden",
+}
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+
+
+def _endpoint(options: StorageOptions | None) -> str:
+    try:
+        return str(s3_client(options).meta.endpoint_url)
+    except Exception:  # the client itself could not be built: say what was configured
+        return (options or DEFAULT_OPTIONS).endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "(AWS default)")
+
+
+def _bucket_missing(bucket: str, options: StorageOptions | None) -> bool:
+    try:
+        s3_client(options).head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as e:
+        return str(e.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket", "NotFound"}
+    return False
+
+
+def _translate(e: Exception, uri: str, op: str, options: StorageOptions | None) -> Exception:
+    """Turn a botocore exception into FileNotFoundError (missing object) or a StorageError that says what to check."""
+    where = f"{op} {uri} (endpoint {_endpoint(options)})"
+    if isinstance(e, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return StorageError(
+            f"no usable AWS credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or give the node an instance role"
+        )
+    if isinstance(e, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError):
+        return StorageError(f"cannot reach S3 for {where}: check AWS_ENDPOINT_URL / --endpoint-url and the network")
+    if isinstance(e, botocore.exceptions.ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        bucket = split_s3(uri)[0]
+        if code == "NoSuchBucket" or (code in _MISSING_KEY_CODES and _bucket_missing(bucket, options)):
+            return StorageError(
+                f"bucket {bucket!r} does not exist for {where}: check the URI, AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
+            )
+        if code in _MISSING_KEY_CODES:
+            return FileNotFoundError(f"no such object: {uri}")
+        if code in _AUTH_CODES:
+            return StorageError(
+                f"access denied ({code}) for {where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+                f"the instance role) and that they are allowed to {op} objects in bucket {bucket!r}"
+            )
+        return StorageError(f"S3 error {code} for {where}: {e}")
+    if isinstance(e, botocore.exceptions.BotoCoreError):
+        return StorageError(f"S3 failure for {where}: {e}")
+    return e
+
+
+def _s3_call(uri: str, op: str, fn: Callable[[], T], options: StorageOptions | None) -> T:
+    try:
+        return fn()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise _translate(e, uri, op, options) from e
+
+
+# --- listing ---------------------------------------------------------------------------------------
+
+
+def _iter_s3_keys(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object under ``prefix``, following continuation tokens page by page."""
+    opts = options or DEFAULT_OPTIONS
+    client = s3_client(opts)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": opts.list_page_size}
+    uri = f"{S3_SCHEME}{bucket}/{prefix}"
+    while True:
+        page = _s3_call(uri, "list", lambda: client.list_objects_v2(**kwargs), opts)
+        for obj in page.get("Contents", []):
+            yield obj["Key"], int(obj["Size"])
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def list_prefix(uri: str, *, options: StorageOptions | None = None) -> list[str]:
+    """Every object/file whose URI starts with ``uri`` (string-prefix semantics, recursive), sorted.
+
+    ``s3://b/dir/`` lists the keys under ``dir/``; ``s3://b/dir`` also matches ``dir.txt``. Local
+    paths follow the same rule: a directory lists its files recursively.
+    """
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        return sorted(f"{S3_SCHEME}{bucket}/{k}" for k, _ in _iter_s3_keys(bucket, prefix, options))
+    path = local_path(uri)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file())
+    parent, name = path.parent, path.name
+    if not parent.is_dir():
+        return []
+    out: list[str] = []
+    for p in parent.iterdir():
+        if not p.name.startswith(name):
+            continue
+        if p.is_file():
+            out.append(str(p))
+        elif p.is_dir():
+            out.extend(str(q) for q in p.rglob("*") if q.is_file())
+    return sorted(out)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: ``{000..009}`` (zero-padded ranges) and ``{a,b}``, nested, left to right."""
+    depth, start = 0, -1
+    for i, c in enumerate(pattern):
+        if c == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif c == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:start], pattern[start + 1 : i], pattern[i + 1 :]
+                return [head + alt + rest for alt in _brace_alternatives(body) for rest in expand_braces(tail)]
+    return [pattern]
+
+
+def _brace_alternatives(body: str) -> list[str]:
+    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if m:
+        a, b = m.group(1), m.group(2)
+        width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        return [str(n).zfill(width) for n in range(lo, hi + step, step)]
+    parts, depth, cur = [], 0, ""
+    for c in body:
+        if c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += (c == "{") - (c == "}")
+        cur += c
+    parts.append(cur)
+    if len(parts) == 1:  # "{x}" is literal in the shell; keep it literal
+        return ["{" + body + "}"]
+    return [x for p in parts for x in expand_braces(p)]
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Glob -> regex over S3 keys: ``*``/``?`` stop at ``/``, ``**`` crosses it, ``[...]`` as in fnmatch."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif c == "*":
+            out += "[^/]*"
+            i += 1
+        elif c == "?":
+            out += "[^/]"
+            i += 1
+        elif c == "[":
+            j = pattern.find("]", i + 2)
+            if j < 0:
+                out += re.escape(c)
+                i += 1
+            else:
+                body = pattern[i + 1 : j]
+                out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+                i = j + 1
+        else:
+            out += re.escape(c)
+            i += 1
+    return re.compile(out + r"\Z")
+
+
+def _expand_one(uri: str, suffixes: tuple[str, ...], options: StorageOptions | None) -> list[str]:
+    def keep(name: str) -> bool:
+        return name.lower().endswith(suffixes)
+
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        m = _GLOB_CHARS.search(key)
+        if m:
+            literal = key[: m.start()]
+            rx = _glob_regex(key)
+            return [
+                f"{S3_SCHEME}{bucket}/{k}"
+                for k, _ in _iter_s3_keys(bucket, literal, options)
+                if rx.match(k) and keep(k)
+            ]
+        if keep(key) and exists(uri, options=options):
+            return [uri]
+        prefix = key if (key == "" or key.endswith("/")) else key + "/"
+        found = [f"{S3_SCHEME}{bucket}/{k}" for k, _ in _iter_s3_keys(bucket, prefix, options) if keep(k)]
+        if not found and keep(key):
+            raise FileNotFoundError(f"no such object: {uri}")
+        return found
+    path = uri.removeprefix("file://")
+    if _GLOB_CHARS.search(path):
+        return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
+    p = Path(path)
+    if p.is_dir():
+        return [os.path.abspath(q) for q in p.rglob("*") if q.is_file() and keep(q.name)]
+    if p.is_file():
+        return [os.path.abspath(p)]
+    raise FileNotFoundError(f"no such file or directory: {uri}")
+
+
+def expand_sources(
+    spec: str | Sequence[str], *, suffixes: Sequence[str] = (".tar",), options: StorageOptions | None = None
+) -> list[str]:
+    """Input shards named by ``spec`` -> sorted, de-duplicated URIs of files ending in ``suffixes``.
+
+    ``spec`` is one pattern or a list of them. Each pattern is brace-expanded first
+    (``shards-{000..009}.tar``, ``{train,val}/``), then each result is:
+
+    * a file or object: taken as is (a named file that does not exist raises ``FileNotFoundError``);
+    * a directory or an S3 prefix: every matching file below it, recursively (S3 listing is paginated);
+    * a glob (``*``, ``?``, ``[..]``, ``**``): matched against local paths or S3 keys
+      (``*`` does not cross ``/``; ``**`` does).
+
+    Local results are absolute paths; S3 results are ``s3://bucket/key``.
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    sfx = tuple(s.lower() for s in suffixes)
+    found: set[str] = set()
+    for pattern in patterns:
+        for uri in expand_braces(pattern):
+            found.update(_expand_one(uri, sfx, options))
+    return sorted(found)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".jp2", ".ppm", ".pgm", ".pbm")
+INTERNAL_DIRS = ("_dr2", "_dr2_staging")
+"""Directories the pipeline writes next to its outputs; never listed as inputs."""
+
+
+def list_images(
+    root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
+) -> list[str]:
+    """Relative POSIX paths of the images under a local folder or S3 prefix (recursive, sorted).
+
+    Suffixes match case-insensitively. The pipeline's own ``_dr2*`` directories are skipped.
+    """
+    sfx = tuple(s.lower() for s in suffixes)
+    root = root_uri.rstrip("/")
+    if is_s3(root_uri):
+        bucket, prefix = split_s3(root + "/")
+        prefix = "" if prefix == "/" else prefix
+        rels = [k[len(prefix) :] for k, _ in _iter_s3_keys(bucket, prefix, options)]
+    else:
+        base = local_path(root_uri)
+        if not base.is_dir():
+            raise FileNotFoundError(f"no such directory: {root_uri}")
+        rels = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+    return sorted(r for r in rels if r.lower().endswith(sfx) and r.split("/", 1)[0] not in INTERNAL_DIRS)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+_STREAM_ERRORS = (
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    ConnectionError,
+)
+
+
+class _S3RawReader(io.RawIOBase):
+    """A seekable raw stream over one S3 object: one GET streamed from the current offset.
+
+    If the body breaks mid-stream, the read resumes with a ranged GET at the offset reached (up to
+    ``max_attempts`` times, with backoff), pinned to the ETag of the first response so that an object
+    replaced in the meantime raises instead of mixing two versions.
+    """
+
+    def __init__(self, uri: str, options: StorageOptions) -> None:
+        super().__init__()
+        self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        self._options = options
+        self._client = s3_client(options)
+        head = _s3_call(uri, "read", lambda: self._client.head_object(Bucket=self._bucket, Key=self._key), options)
+        self._size = int(head["ContentLength"])
+        self._etag = str(head["ETag"])
+        self._pos = 0
+        self._body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        new = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset, io.SEEK_END: self._size + offset}[whence]
+        if new < 0:
+            raise ValueError(f"negative seek position {new}")
+        if new != self._pos:
+            self._drop_body()
+            self._pos = new
+        return self._pos
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            self._body = None
+
+    def _open_body(self) -> None:
+        def get() -> Any:
+            return self._client.get_object(
+                Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-", IfMatch=self._etag
+            )
+
+        self._body = _s3_call(self._uri, "read", get, self._options)["Body"]
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._pos >= self._size or len(view) == 0:
+            return 0
+        for attempt in range(self._options.max_attempts):
+            try:
+                if self._body is None:
+                    self._open_body()
+                data = self._body.read(len(view))
+                if not data and self._pos < self._size:
+                    raise ConnectionError(f"S3 body ended at {self._pos} of {self._size} bytes")
+                n = len(data)
+                view[:n] = data
+                self._pos += n
+                return n
+            except _STREAM_ERRORS as e:
+                self._drop_body()
+                if attempt + 1 == self._options.max_attempts:
+                    raise StorageError(f"reading {self._uri} broke at byte {self._pos}: {e}") from e
+                log.warning("S3 read of %s broke at byte %d (%s); resuming", self._uri, self._pos, e)
+                time.sleep(min(2.0**attempt * 0.1, 5.0))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
+def open_read(uri: str, *, options: StorageOptions | None = None) -> BinaryIO:
+    """A buffered binary reader that streams ``uri`` (never the whole object in memory); close it after use.
+
+    S3 objects are streamed with one GET (resumed with a ranged GET if the body breaks) and are
+    seekable. Missing objects raise ``FileNotFoundError``.
+    """
+    opts = options or DEFAULT_OPTIONS
+    if is_s3(uri):
+        return io.BufferedReader(_S3RawReader(uri, opts), buffer_size=opts.read_chunk_size)  # type: ignore[return-value]
+    return open(local_path(uri), "rb")
+
+
+def read_bytes(uri: str, *, options: StorageOptions | None = None) -> bytes:
+    """The whole content of a (small) object or file."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client(options)
+        return _s3_call(uri, "read", lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), options)
+    return local_path(uri).read_bytes()
+
+
+def exists(uri: str, *, options: StorageOptions | None = None) -> bool:
+    """Whether the object/file exists. A missing bucket or refused credentials raise ``StorageError``."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client(options)
+        try:
+            _s3_call(uri, "check", lambda: client.head_object(Bucket=bucket, Key=key), options)
+        except FileNotFoundError:
+            return False
+        return True
+    return local_path(uri).is_file()
+
+
+def delete(uri: str, *, options: StorageOptions | None = None) -> None:
+    """Delete one object/file; deleting a missing one is not an error (as on S3)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client(options)
+        _s3_call(uri, "delete", lambda: client.delete_object(Bucket=bucket, Key=key), options)
+        return
+    local_path(uri).unlink(missing_ok=True)
+
+
+def delete_many(uris: Iterable[str], *, options: StorageOptions | None = None) -> None:
+    """Delete several objects (S3: batched ``DeleteObjects`` of up to 1000 keys per bucket)."""
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        else:
+            delete(uri)
+    client = s3_client(options)
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            uri = f"{S3_SCHEME}{bucket}/{keys[i]}"
+            call = functools.partial(client.delete_objects, Bucket=bucket, Delete=batch)
+            resp = _s3_call(uri, "delete", call, options)
+            if resp.get("Errors"):
+                err = resp["Errors"][0]
+                raise StorageError(f"could not delete s3://{bucket}/{err.get('Key')}: {err.get('Code')}")
+
+
+# --- atomic writing --------------------------------------------------------------------------------
+
+
+class _S3UploadFile(io.RawIOBase):
+    """A write-only file that buffers parts of ``part_size`` and uploads them as a multipart upload.
+
+    Nothing is visible under the key until :meth:`commit`; :meth:`abort` leaves no object and no
+    in-progress upload behind. Parts are bytes in memory, so botocore can retry each one.
+    """
+
+    def __init__(self, uri: str, options: StorageOptions) -> None:
+        super().__init__()
+        self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        if not self._key or self._key.endswith("/"):
+            raise ValueError(f"not an object URI: {uri!r}")
+        self._options = options
+        self._client = s3_client(options)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed upload")
+        mv = memoryview(b).cast("B")
+        self._buf += mv
+        self._written += len(mv)
+        while len(self._buf) >= self._options.part_size:
+            part = bytes(self._buf[: self._options.part_size])
+            del self._buf[: self._options.part_size]
+            self._upload_part(part)
+        return len(mv)
+
+    def tell(self) -> int:
+        return self._written
+
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        return _s3_call(self._uri, op, fn, self._options)
+
+    def _upload_part(self, data: bytes) -> None:
+        if self._upload_id is None:
+            resp = self._call("write", lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key))
+            self._upload_id = str(resp["UploadId"])
+        number = len(self._parts) + 1
+        upload_id = self._upload_id
+        resp = self._call(
+            "write",
+            lambda: self._client.upload_part(
+                Bucket=self._bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data
+            ),
+        )
+        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    def commit(self) -> None:
+        if self._upload_id is None:
+            data = bytes(self._buf)
+            self._call("write", lambda: self._client.put_object(Bucket=self._bucket, Key=self._key, Body=data))
+        else:
+            if self._buf or not self._parts:
+                self._upload_part(bytes(self._buf))
+            upload_id, parts = self._upload_id, list(self._parts)
+            self._call(
+                "write",
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        self._buf = bytearray()
+        super().close()
+
+    def abort(self) -> None:
+        self._buf = bytearray()
+        if self._upload_id is not None:
+            upload_id = self._upload_id
+            try:
+                self._call(
+                    "abort",
+                    lambda: self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id),
+                )
+            except Exception:  # we are already failing; say so, do not mask the original error
+                log.exception("could not abort multipart upload of %s", self._uri)
+        super().close()
+
+    def close(self) -> None:
+        # Closing without commit() (e.g. by garbage collection) must never publish a partial object.
+        if not self.closed:
+            self.abort()
+
+
+class AtomicWriter:
+    """Context manager yielding a writable binary file; the object appears whole on a clean exit, never partial.
+
+    * local: a temp file in the target's directory, flushed and ``fsync``-ed, then ``os.replace``-d
+      onto the final name (and the directory fsync-ed); removed on an exception.
+    * S3: bytes are buffered; below ``options.part_size`` the object is written with one PUT on
+      exit, above it as a multipart upload (parts of ``part_size``) that is completed only on a
+      clean exit and aborted on an exception, so no object and no in-progress upload remain.
+
+    Writing the same bytes to the same name twice (a retried task) is harmless: last writer wins
+    and both wrote the same thing.
+    """
+
+    def __init__(self, uri: str, *, options: StorageOptions | None = None) -> None:
+        self.uri = uri
+        self._options = options or DEFAULT_OPTIONS
+        self._file: Any = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        if is_s3(self.uri):
+            # No BufferedWriter on top: closing one would close (= abort) the upload; the upload buffers itself.
+            self._file = _S3UploadFile(self.uri, self._options)
+            return self._file  # type: ignore[no-any-return]
+        final = local_path(self.uri)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        return self._file  # type: ignore[no-any-return]
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(self._file, _S3UploadFile):
+            if exc_type is None:
+                self._file.commit()
+            else:
+                self._file.abort()
+            return
+        assert self._tmp is not None
+        f = self._file
+        if exc_type is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+            self._tmp.unlink(missing_ok=True)
+            return
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(self._tmp, 0o644)  # mkstemp makes 0600
+            os.replace(self._tmp, local_path(self.uri))
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(local_path(self.uri).parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(uri: str, data: bytes, *, options: StorageOptions | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically (see :class:`AtomicWriter`)."""
+    with AtomicWriter(uri, options=options) as f:
+        f.write(data)
+
+
+def write_json_atomic(uri: str, obj: Any, *, options: StorageOptions | None = None) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically."""
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), options=options)
+
+
+def copy_into(src_uri: str, out: IO[bytes], *, options: StorageOptions | None = None) -> int:
+    """Stream ``src_uri`` into the open writer ``out``; returns the number of bytes copied."""
+    n = 0
+    with open_read(src_uri, options=options) as f:
+        while chunk := f.read(8 * MiB):
+            out.write(chunk)
+            n += len(chunk)
+    return n
+
+
+# --- model directories -----------------------------------------------------------------------------
+
+MODEL_FILES = ("config.json", "model.safetensors")
+SHA256_KEY = "sha256"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(uri: str, dest: Path, options: StorageOptions | None) -> str:
+    """Stream ``uri`` to a temp file beside ``dest``, rename it onto ``dest``; returns the sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    h = hashlib.sha256()
+    try:
+        with open_read(uri, options=options) as src, open(tmp, "wb") as out:
+            while chunk := src.read(8 * MiB):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return h.hexdigest()
+
+
+def localize_model_dir(uri: str, cache_root: str | Path, *, options: StorageOptions | None = None) -> Path:
+    """A local directory holding the model at ``uri`` (``config.json`` + ``model.safetensors``).
+
+    A local directory is returned as is. For ``s3://``, both files are downloaded into
+    ``cache_root/<sha256(uri)[:16]>/`` and ``model.safetensors`` is checked against the sha256 that
+    ``config.json`` records under ``"sha256"``. A cached copy whose hash matches is reused; a
+    mismatch is downloaded once more, and a second mismatch raises :class:`StorageError` (the weights
+    or the recorded hash are wrong). Safe with several processes on one node: a file lock serialises
+    them and every file lands by download-to-temp + rename.
+    """
+    if not is_s3(uri):
+        path = local_path(uri)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {uri}")
+        return path
+    cache_dir = Path(cache_root) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _localize_locked(uri.rstrip("/"), cache_dir, options)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _localize_locked(uri: str, cache_dir: Path, options: StorageOptions | None) -> Path:
+    config_path = cache_dir / MODEL_FILES[0]
+    weights_path = cache_dir / MODEL_FILES[1]
+    _download(join(uri, MODEL_FILES[0]), config_path, options)  # small: always refresh
+    try:
+        expected = json.loads(config_path.read_text())[SHA256_KEY]
+    except (KeyError, ValueError, TypeError) as e:
+        raise StorageError(f"{uri}/config.json records no {SHA256_KEY!r} of {MODEL_FILES[1]}: cannot verify") from e
+    stamp = cache_dir / f".{MODEL_FILES[1]}.verified"
+    if weights_path.is_file() and stamp.is_file():
+        st = weights_path.stat()
+        if stamp.read_text() == f"{expected} {st.st_size} {st.st_mtime_ns}":
+            return cache_dir
+    actual = file_sha256(weights_path) if weights_path.is_file() else None
+    for attempt in range(2):
+        if actual == expected:
+            st = weights_path.stat()
+            stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
+            return cache_dir
+        if actual is not None:
+            log.warning(
+                "%s: sha256 %s != recorded %s (attempt %d); downloading", weights_path, actual, expected, attempt
+            )
+        actual = _download(join(uri, MODEL_FILES[1]), weights_path, options)
+    if actual == expected:
+        st = weights_path.stat()
+        stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
+        return cache_dir
+    raise StorageError(
+        f"{uri}/{MODEL_FILES[1]} has sha256 {actual} but config.json records {expected}, after re-downloading: "
+        "the uploaded weights or the recorded hash are wrong; re-upload the model directory"
+    )
+
+
+def remove_tree(uri: str, *, options: StorageOptions | None = None) -> None:
+    """Delete everything under a local directory or S3 prefix (missing is fine)."""
+    if is_s3(uri):
+        delete_many(list_prefix(uri.rstrip("/") + "/", options=options), options=options)
+    else:
+        shutil.rmtree(local_path(uri), ignore_errors=True)
