@@ -20,11 +20,18 @@ Columns (Arrow types in brackets):
 * ``output`` [binary]: the composed, re-encoded image (or the input bytes for a passed-through row).
 * ``status`` [string] and ``error`` [string]: on every row, from the first stage on.
 * ``timings`` [string]: JSON object of seconds per stage.
+* ``shard_size`` [int64]: set only on a shard's end marker (``index == -1``), the row the reader emits after
+  a shard's last sample: how many samples the shard held, and in ``error`` why reading stopped early, if it
+  did. The driver commits a shard once it has seen the marker and that many rows. Stages pass markers on
+  untouched.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
+
+import pyarrow as pa
 
 KEY = "key"
 SOURCE = "source"
@@ -41,6 +48,29 @@ OUTPUT = "output"
 STATUS = "status"
 ERROR = "error"
 TIMINGS = "timings"
+SHARD_SIZE = "shard_size"
+END_MARKER_INDEX = -1
+
+ROW_SCHEMA = pa.schema(
+    [
+        (KEY, pa.string()),
+        (SOURCE, pa.string()),
+        (SHARD, pa.string()),
+        (INDEX, pa.int64()),
+        (IMAGE_MEMBER, pa.string()),
+        (IMAGE, pa.binary()),
+        (EXTRA_NAMES, pa.list_(pa.string())),
+        (EXTRA_DATA, pa.list_(pa.binary())),
+        (FACES, pa.string()),
+        (CROPS, pa.list_(pa.binary())),
+        (RESTORED, pa.list_(pa.binary())),
+        (OUTPUT, pa.binary()),
+        (STATUS, pa.string()),
+        (ERROR, pa.string()),
+        (TIMINGS, pa.string()),
+        (SHARD_SIZE, pa.int64()),
+    ]
+)
 
 
 class Status(StrEnum):
@@ -55,6 +85,29 @@ class Status(StrEnum):
     DETECT_ERROR = "detect_error"  # the detector failed on this image
     RESTORE_ERROR = "restore_error"  # the restorer failed on this image's faces
     ENCODE_ERROR = "encode_error"  # the composed image could not be encoded
+    TRUNCATED = "truncated"  # the shard broke off inside this sample: passed through with the members read
 
 
 FINAL_STATUSES = tuple(s for s in Status if s is not Status.PENDING)
+
+
+def new_row(*, key: str, source: str, shard: str, index: int, image_member: str | None, image: bytes | None,
+            extra: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """A row as the reader emits it: every column present, later stages fill the rest."""
+    return {
+        KEY: key, SOURCE: source, SHARD: shard, INDEX: index, IMAGE_MEMBER: image_member, IMAGE: image,
+        EXTRA_NAMES: [n for n, _ in extra], EXTRA_DATA: [d for _, d in extra], FACES: "[]", CROPS: [],
+        RESTORED: [], OUTPUT: None, STATUS: Status.PENDING.value if image is not None else Status.NO_IMAGE.value,
+        ERROR: "" if image is not None else "sample has no image member", TIMINGS: "{}", SHARD_SIZE: None,
+    }
+
+
+def end_marker(*, source: str, shard: str, size: int, error: str = "") -> dict[str, Any]:
+    """The row that closes a shard: ``size`` samples were read; ``error`` says why reading stopped early."""
+    row = new_row(key="", source=source, shard=shard, index=END_MARKER_INDEX, image_member=None, image=None, extra=[])
+    row.update({STATUS: Status.PENDING.value, ERROR: error, SHARD_SIZE: size})
+    return row
+
+
+def is_marker(row: dict[str, Any]) -> bool:
+    return bool(row[INDEX] == END_MARKER_INDEX)

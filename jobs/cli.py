@@ -1,0 +1,199 @@
+"""The ``dr2`` command line.
+
+    dr2 demo                      build a degraded demo archive and restore it (local Ray, local files)
+    dr2 restore SRC DST           restore the faces in an archive (WebDataset shards or plain images; local or s3://)
+    dr2 restore-faces IN OUT      restore a folder of aligned faces, as the official demo does, batched
+    dr2 weights import FILE       convert an official checkpoint to model.safetensors + config.json
+    dr2 verify-fixtures DIR       check this install reproduces the official DR2 numbers
+
+Run ``dr2 COMMAND --help`` for each command's options. The options of ``restore`` are generated from
+``pipeline.config.PipelineConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jobs.configargs import add_dataclass_args, dataclass_from_args
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger("dr2")
+
+PRESETS = ("mild", "moderate", "severe")
+PRESET_HELP = (
+    "N/tau from the official demo's three settings: mild (N=4, tau=22), moderate (N=8, tau=35), "
+    "severe (N=16, tau=35). Explicit --N/--tau win."
+)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(resources.files("jobs").joinpath("presets", f"{name}.json").read_text())
+    return data
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``preset_defaults`` (from --preset) become the restore command's defaults."""
+    p = argparse.ArgumentParser(prog="dr2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("restore", help="restore the faces in an archive", description=(
+        "Restore every face in SRC and write the result to DST: one output .tar per input shard (same keys, "
+        "same order, every member kept, the image restored, a dr2.json per sample, a <shard>.stats.json commit "
+        "marker), or for plain images a mirrored tree with per-chunk manifests. Reruns skip finished shards."))
+    r.add_argument("src", help="input: .tar shards (path, glob, {000..009} braces, s3://) or a folder/prefix of images")
+    r.add_argument("dst", help="output folder or s3:// prefix")
+    r.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
+    add_dataclass_args(r, PipelineConfig)
+    if preset_defaults:
+        r.set_defaults(**preset_defaults)
+
+    d = sub.add_parser("demo", help="build a demo archive and restore it on a local Ray", description=(
+        "Builds demo/archive (degraded public-domain photos, a face-less photo, a corrupt JPEG, a sample without "
+        "an image), restores it into demo/restored and writes demo/preview.png (before | after). Without "
+        "--ddpm/--enhancer it runs the TINY RANDOM models: every stage runs, but faces are not really restored."))
+    d.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default: demo)")
+    d.add_argument("--ddpm", default="", help="DDPM model dir (from `dr2 weights import`) for real restorations")
+    d.add_argument("--enhancer", default="", help="SPARNetHD model dir, or 'none'")
+    d.add_argument("--preset", choices=PRESETS, default="mild", help=PRESET_HELP)
+
+    f = sub.add_parser("restore-faces", help="restore a folder of aligned face images", description=(
+        "What the official demo does for a folder of aligned faces (any size; resized to 512), batched: "
+        "DR2 then the enhancer. Writes PNGs with the same names to OUT_DIR."))
+    f.add_argument("in_dir", type=Path)
+    f.add_argument("out_dir", type=Path)
+    f.add_argument("--ddpm", default="", help="DDPM model dir (required unless --tiny)")
+    f.add_argument("--enhancer", default="", help="SPARNetHD model dir, or 'none' for bicubic")
+    f.add_argument("--tiny", action="store_true", help="tiny random models (testing the path; not a restoration)")
+    f.add_argument("--N", type=int, default=8, help="low-pass factor N (default 8)")
+    f.add_argument("--tau", type=int, default=0, help="output step tau (default 0)")
+    f.add_argument("--seed", type=int, default=0, help="noise seed base (default 0)")
+    f.add_argument("--batch-size", type=int, default=4, help="faces per forward pass (default 4)")
+    f.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    f.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+
+    w = sub.add_parser("weights", help="manage model weights")
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wi = wsub.add_parser("import", help="import an official checkpoint", description=(
+        "Reads an official checkpoint (DR2_FFHQ.pkl: --kind ddpm; SPARNetHD_FFHQ_DR2aug.pth: --kind sparnethd) "
+        "without executing any pickled code, checks every key and shape, and writes DIR/model.safetensors and "
+        "DIR/config.json (architecture and sha256)."))
+    wi.add_argument("file", type=Path)
+    wi.add_argument("--kind", required=True, choices=("ddpm", "sparnethd"))
+    wi.add_argument("--out", type=Path, required=True, help="output model directory")
+
+    v = sub.add_parser("verify-fixtures", help="check this install against the official DR2 golden fixtures")
+    v.add_argument("dir", type=Path, nargs="?", default=None,
+                   help="fixture folder (default: the copy shipped in tests/fixtures/dr2_reference)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from jobs.restore import run_restore
+
+    cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
+    summary = run_restore(cfg)
+    print(summary.table())
+    print(f"output: {cfg.dst}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import build_demo_archive, write_preview
+    from jobs.restore import run_restore
+    from pipeline.config import RestorerKind
+
+    archive = build_demo_archive(args.out / "archive")
+    real = bool(args.ddpm)
+    cfg = PipelineConfig(
+        src=str(archive / "shard-{000..001}.tar"),
+        dst=str(args.out / "restored"),
+        restorer=RestorerKind.DR2 if real else RestorerKind.TINY,
+        ddpm=args.ddpm,
+        enhancer=args.enhancer or ("none" if real else ""),
+        overwrite=True,
+        **load_preset(args.preset),
+    )
+    if not real:
+        print("dr2 demo: no --ddpm given, so the TINY RANDOM models run: every stage is real, the pasted faces are "
+              "not restorations. See README, 'Weights'.")
+    summary = run_restore(cfg)
+    preview = write_preview(archive, Path(cfg.dst), args.out / "preview.png")
+    print(summary.table())
+    print(f"input shards:   {archive}/shard-*.tar")
+    print(f"output shards:  {cfg.dst}/shard-*.tar (+ .stats.json, _dr2/config.json)")
+    print(f"preview:        {preview} (input | output per sample)")
+    return 0
+
+
+def cmd_restore_faces(args: argparse.Namespace) -> int:
+    from jobs.faces_folder import restore_folder
+
+    n = restore_folder(args.in_dir, args.out_dir, ddpm=args.ddpm, enhancer=args.enhancer, tiny=args.tiny, N=args.N,
+                       tau=args.tau, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision)
+    print(f"restored {n} faces into {args.out_dir}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from dr2.weights import ModelKind, import_checkpoint
+
+    out = import_checkpoint(args.file, kind=ModelKind(args.kind), out_dir=args.out)
+    meta = json.loads((out / "config.json").read_text()) if out.is_dir() else {}
+    print(f"imported {args.file} -> {out} (sha256 {meta.get('sha256', '?')})")
+    return 0
+
+
+def default_fixture_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dr2_reference"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from dr2.verify import format_table, verify_fixtures
+
+    folder = args.dir or default_fixture_dir()
+    if not folder.is_dir():
+        print(f"no fixture folder at {folder}", file=sys.stderr)
+        return 2
+    results = verify_fixtures(folder)
+    print(format_table(results))
+    return 0 if results and all(r.passed for r in results) else 1
+
+
+COMMANDS = {"restore": cmd_restore, "demo": cmd_demo, "restore-faces": cmd_restore_faces, "weights": cmd_weights,
+            "verify-fixtures": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=PRESETS)
+    known, _ = pre.parse_known_args(argv)
+    preset = load_preset(known.preset) if known.preset else None  # only the restore command takes these defaults
+    args = build_parser(preset).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"dr2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

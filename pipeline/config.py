@@ -1,0 +1,115 @@
+"""The restoration job's configuration: one frozen dataclass, from which the CLI is generated and which is
+written, resolved, beside the outputs (``_dr2/config.json``).
+
+Fields carry their help text in ``metadata["help"]``; ``jobs/configargs.py`` turns them into argparse
+options. ``output_hash()`` covers exactly the fields that change output bytes: it is the resume key stored
+in each shard's ``.stats.json`` (pool sizes, addresses and the detector's batch size do not change outputs
+and are left out, so a rerun with more GPUs still resumes). The restorer's batch size is in: the networks
+always run on exactly that many faces (short batches padded), which keeps a face's output independent of
+its neighbours, but float rounding depends on the batch shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pipeline.faces import FaceSelect
+
+
+class InputFormat(StrEnum):
+    AUTO = "auto"  # .tar shards if the source names any, else plain images
+    WEBDATASET = "webdataset"
+    IMAGES = "images"
+
+
+class RestorerKind(StrEnum):
+    DR2 = "dr2"  # DR2 + enhancer, needs --ddpm (and --enhancer, or "none")
+    PASSTHROUGH = "passthrough"  # faces returned unchanged: check detection/alignment before spending GPU time
+    TINY = "tiny"  # tiny random DR2 models: tests, benchmarks and the demo; output is NOT a restoration
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Everything a restoration run needs. Paper names: ``N`` (low-pass factor), ``tau`` (output step)."""
+
+    src: str = _f("", "input: .tar shards (path, glob, {000..009}, s3://) or a folder/prefix of images", cli=False)
+    dst: str = _f("", "output folder or s3:// prefix", cli=False)
+    input_format: InputFormat = _f(InputFormat.AUTO, "what SRC holds")
+    # --- restoration ---
+    restorer: RestorerKind = _f(RestorerKind.DR2, "face restorer")
+    ddpm: str = _f("", "DR2 DDPM model dir or s3:// URI (made by `dr2 weights import`)")
+    enhancer: str = _f("", "SPARNetHD model dir or s3:// URI, or 'none' for bicubic")
+    N: int = _f(8, "DR2 low-pass factor N (1, 2, 4, 8, 16): larger removes heavier degradation, keeps less identity")
+    tau: int = _f(35, "DR2 output step tau (0..99): larger smooths more")
+    omega: int | None = _f(None, "DR2 start step omega (default: the official rule from N and tau)")
+    seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
+    precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=("fp32", "bf16", "fp16"))
+    # --- faces ---
+    select: FaceSelect = _f(FaceSelect.ALL, "which faces to restore per image")
+    max_faces: int = _f(16, "restore at most this many faces per image")
+    min_face_size: int = _f(24, "skip faces whose box is smaller than this (pixels)")
+    detect_threshold: float = _f(0.9, "MTCNN O-Net score threshold for a face")
+    detect_max_side: int | None = _f(2048, "detect on a copy whose longer side is at most this; none = full size")
+    # --- images ---
+    max_pixels: int = _f(100_000_000, "images over this many pixels are passed through with status too_large")
+    jpeg_quality: int = _f(95, "quality of re-encoded JPEG outputs")
+    images_per_chunk: int = _f(256, "images mode: images per unit of work (manifest, stats, resume)")
+    # --- execution (do not change outputs) ---
+    address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray on this machine)")
+    device: str = _f("auto", "restorer device: auto (cuda if Ray gives the actor a GPU), cpu, cuda")
+    restore_actors: int = _f(1, "restorer actors (one per GPU in production)")
+    detect_actors: int = _f(1, "detector actors")
+    gpus_per_restorer: float = _f(0.0, "GPUs per restorer actor (0 on CPU-only machines; 1 or a fraction on GPU nodes)")
+    gpus_per_detector: float = _f(0.0, "GPUs per detector actor (e.g. 0.1 to share a GPU)")
+    cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional, so reads and writes keep running)")
+    detect_batch_size: int = _f(8, "images per detector batch")
+    restore_batch_size: int = _f(
+        8, "faces per restorer forward pass; it fixes the networks' batch shape, so like N and tau it is part of "
+        "the output's identity (float rounding depends on it)")
+    object_store_memory: int | None = _f(None, "bytes for Ray's object store when starting a local Ray")
+    overwrite: bool = _f(False, "redo shards that are already done, also under a changed config")
+    endpoint_url: str | None = _f(None, "S3 endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL or AWS")
+    record_timings: bool = _f(False, "add per-stage seconds to each dr2.json (outputs are then not byte-reproducible)")
+
+    # Fields that do not change output bytes.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
+            "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
+            "overwrite", "endpoint_url", "record_timings",
+        }
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+            return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def output_hash(self, model_info: dict[str, Any]) -> str:
+        """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        blob = json.dumps({"config": relevant, "models": model_info}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}; known: {sorted(names)}")
+        return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
+
+
+def _jsonable(v: Any) -> Any:
+    return v.value if isinstance(v, StrEnum) else v
+
+
+def _coerce(f: dataclasses.Field[Any], v: Any) -> Any:
+    return type(f.default)(v) if isinstance(f.default, StrEnum) else v

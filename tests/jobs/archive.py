@@ -1,0 +1,66 @@
+"""A small real archive for the job tests: WebDataset shards written by the webdataset library, holding
+degraded real face photos, a photo without a face, a PNG with alpha, a corrupt JPEG, a sample without an
+image, keys with directory prefixes, extra members of several kinds, and a shard truncated mid-sample."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from tests.pipeline.photos import astronaut, degrade, grace_hopper
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def no_face_image(seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients with noise: nothing MTCNN should call a face."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:320].astype(np.float32)
+    img = np.stack([x / 320 * 255, y / 240 * 255, (x + y) / 560 * 255], -1) + rng.normal(0, 8, (240, 320, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def build_archive(root: Path) -> dict[str, list[tuple[str, str]]]:
+    """Write shards under ``root``; return {shard name: [(key, expected status), ...]} in order."""
+    root.mkdir(parents=True, exist_ok=True)
+    astro = degrade(astronaut(), 4, seed=1)
+    hopper = degrade(grace_hopper(), 8, seed=2)
+    rgba = np.dstack([astronaut()[::2, ::2], np.full((256, 256), 200, np.uint8)])
+    shards = {
+        "shard-000.tar": [
+            ("astronaut_x4", "ok", {"jpg": encode(astro, quality=90), "json": b'{"id": 1}', "cls": b"3"}),
+            ("gradient", "no_face", {"png": encode(no_face_image(), "PNG"), "txt": b"no face here"}),
+            ("broken", "decode_error", {"jpg": encode(astro)[:1500], "json": b'{"id": 3}'}),
+            ("caption_only", "no_image", {"txt": b"just a caption"}),
+        ],
+        "shard-001.tar": [
+            ("people/hopper_x8", "ok", {"jpg": encode(hopper, quality=92), "json": json.dumps({"id": 5}).encode()}),
+            ("people/astronaut_rgba", "ok", {"png": encode(rgba, "PNG"), "seg.png": encode(rgba[..., :3], "PNG")}),
+        ],
+    }
+    expected: dict[str, list[tuple[str, str]]] = {}
+    for name, samples in shards.items():
+        with wds.TarWriter(str(root / name)) as sink:
+            for key, _, members in samples:
+                sink.write({"__key__": key, **members})
+        expected[name] = [(key, status) for key, status, _ in samples]
+    # shard-002: two good samples, then the file is cut inside the third sample's image
+    with wds.TarWriter(str(root / "shard-002.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"g{i}", "png": encode(no_face_image(i), "PNG"), "txt": f"{i}".encode()})
+    data = (root / "shard-002.tar").read_bytes()
+    cut = data.rfind(b"g2.png") + 512 + 4000  # past g2.png's header, inside its data
+    (root / "shard-002.tar").write_bytes(data[:cut])
+    # g1 is complete on disk, but the reader cannot know that no member of g1 follows: it is passed through
+    # as "truncated"; g2's only member is cut, so nothing of it can be kept.
+    expected["shard-002.tar"] = [("g0", "no_face"), ("g1", "truncated")]
+    return expected
