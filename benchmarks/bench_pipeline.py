@@ -24,7 +24,6 @@ otherwise. The table prints the CPU count and load average so the figure can be 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -33,19 +32,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import jobs.restore as restore_job  # noqa: E402
-from jobs.demo import degrade  # noqa: E402
+from jobs.demo import degrade, demo_photo, jpeg_bytes  # noqa: E402
 from pipeline import schema as S  # noqa: E402
 from pipeline.build import init_ray  # noqa: E402
 from pipeline.config import PipelineConfig, RestorerKind  # noqa: E402
@@ -64,27 +61,16 @@ FACE_PHOTOS = ("astronaut.jpg", "grace_hopper.jpg")  # one frontal face each, pu
 # --------------------------------------------------------------------------------------------- archive
 
 
-def _photo(name: str) -> np.ndarray:
-    data = resources.files("jobs").joinpath("demo_data", name).read_bytes()
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def build_archive(root: Path, shards: int, images: int) -> str:
     """``root/bench-{000..S-1}.tar``, each with ``images`` degraded face photos; returns the brace pattern."""
     root.mkdir(parents=True, exist_ok=True)
-    photos = [_photo(n) for n in FACE_PHOTOS]
+    photos = [demo_photo(n) for n in FACE_PHOTOS]
     for s in range(shards):
         with wds.TarWriter(str(root / f"bench-{s:03d}.tar")) as sink:
             for i in range(images):
                 n = s * images + i
                 rgb = degrade(photos[n % len(photos)], 4 if (n // len(photos)) % 2 == 0 else 8, seed=n)
-                sink.write({"__key__": f"img{n:06d}", "jpg": _jpeg(rgb), "json": json.dumps({"n": n}).encode()})
+                sink.write({"__key__": f"img{n:06d}", "jpg": jpeg_bytes(rgb), "json": json.dumps({"n": n}).encode()})
     return str(root / f"bench-{{000..{shards - 1:03d}}}.tar")
 
 

@@ -27,13 +27,15 @@ The network has no output activation and no clamp: (B, 3, S, S) in [-1, 1] -> (B
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dr2.configs import check_known_keys
 
 ReluType = Literal["relu", "leakyrelu", "prelu", "selu", "none"]
 NormType = Literal["bn", "in", "gn", "pixel", "none"]  # official 'layer' cannot be built (LayerNorm(None))
@@ -79,10 +81,7 @@ class SPARNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SPARNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SPARNetConfig keys {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, d)
         return cls(**d)
 
     @classmethod

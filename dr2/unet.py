@@ -26,13 +26,15 @@ caller (``model.to(dtype)`` or autocast), and the network runs in the dtype of i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from dr2.configs import check_known_keys
 
 GROUPS = 32  # GroupNorm groups of every normalisation layer (official ``normalization``)
 
@@ -80,10 +82,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         """Inverse of :meth:`to_dict`; accepts lists for tuples and rejects unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid keys are {sorted(known)}")
+        check_known_keys(cls, d)
         return cls(**d)
 
     @classmethod

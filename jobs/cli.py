@@ -90,6 +90,9 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     wi.add_argument("file", type=Path)
     wi.add_argument("--kind", required=True, choices=("ddpm", "sparnethd"))
     wi.add_argument("--out", type=Path, required=True, help="output model directory")
+    wi.add_argument("--config", type=Path, default=None, help=(
+        "JSON file with the architecture's constructor arguments (or an object with them under 'kwargs'), for "
+        "checkpoints other than the official full-size models"))
 
     v = sub.add_parser("verify-fixtures", help="check this install against the official DR2 golden fixtures")
     v.add_argument("dir", type=Path, nargs="?", default=None,
@@ -130,7 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("dr2 demo: no --ddpm given, so the TINY RANDOM models run: every stage is real, the pasted faces are "
               "not restorations. See README, 'Weights'.")
     summary = run_restore(cfg)
-    preview = write_preview(archive, Path(cfg.dst), args.out / "preview.png")
+    banner = "" if real else "TINY RANDOM MODELS: faces found and pasted, not restored"
+    preview = write_preview(archive, Path(cfg.dst), args.out / "preview.png", banner=banner)
     print(summary.table())
     print(f"input shards:   {archive}/shard-*.tar")
     print(f"output shards:  {cfg.dst}/shard-*.tar (+ .stats.json, _dr2/config.json)")
@@ -149,9 +153,17 @@ def cmd_restore_faces(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
+    from dr2.sparnet import SPARNetConfig
+    from dr2.unet import UNetConfig
     from dr2.weights import ModelKind, import_checkpoint
 
-    out = import_checkpoint(args.file, kind=ModelKind(args.kind), out_dir=args.out)
+    kind = ModelKind(args.kind)
+    config = None
+    if args.config:
+        kwargs = json.loads(args.config.read_text())
+        kwargs = kwargs.get("kwargs", kwargs)
+        config = UNetConfig.from_dict(kwargs) if kind is ModelKind.DDPM else SPARNetConfig.from_dict(kwargs)
+    out = import_checkpoint(args.file, kind=kind, out_dir=args.out, config=config)
     meta = json.loads((out / "config.json").read_text()) if out.is_dir() else {}
     print(f"imported {args.file} -> {out} (sha256 {meta.get('sha256', '?')})")
     return 0

@@ -38,12 +38,13 @@ def degrade(rgb: np.ndarray, factor: int, *, seed: int, jpeg_quality: int = 40) 
     return cv2.resize(x, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _photo(name: str) -> np.ndarray:
+def demo_photo(name: str) -> np.ndarray:
+    """One of the public-domain photos shipped in ``jobs/demo_data``, RGB uint8."""
     data = resources.files("jobs").joinpath("demo_data", name).read_bytes()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+def jpeg_bytes(rgb: np.ndarray, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -56,13 +57,13 @@ def build_demo_archive(out_dir: Path) -> Path:
     without an image, so the output shows every row status a real archive produces.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    astronaut, hopper, coffee = (_photo(n) for n in DEMO_PHOTOS)
+    astronaut, hopper, coffee = (demo_photo(n) for n in DEMO_PHOTOS)
     samples = [
-        [("astronaut_x4", {"jpg": _jpeg(degrade(astronaut, 4, seed=1))}),
-         ("hopper_x8", {"jpg": _jpeg(degrade(hopper, 8, seed=2))}),
-         ("coffee", {"jpg": _jpeg(coffee)})],
-        [("hopper_x4", {"jpg": _jpeg(degrade(hopper, 4, seed=3))}),
-         ("corrupt", {"jpg": _jpeg(astronaut)[:2000]}),
+        [("astronaut_x4", {"jpg": jpeg_bytes(degrade(astronaut, 4, seed=1))}),
+         ("hopper_x8", {"jpg": jpeg_bytes(degrade(hopper, 8, seed=2))}),
+         ("coffee", {"jpg": jpeg_bytes(coffee)})],
+        [("hopper_x4", {"jpg": jpeg_bytes(degrade(hopper, 4, seed=3))}),
+         ("corrupt", {"jpg": jpeg_bytes(astronaut)[:2000]}),
          ("caption_only", {"txt": b"a sample with no image"})],
     ]
     for i, shard in enumerate(samples):
@@ -72,9 +73,14 @@ def build_demo_archive(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_preview(src_dir: Path, dst_dir: Path, out_png: Path, *, tile: int = 256) -> Path:
-    """A grid: one row per sample with an image, input on the left, output on the right, status as a caption."""
-    rows = []
+def write_preview(src_dir: Path, dst_dir: Path, out_png: Path, *, tile: int = 256, banner: str = "") -> Path:
+    """A grid: one row per sample with an image, input on the left, output on the right, status as a caption,
+    under an optional ``banner`` line (e.g. that the faces come from tiny random models)."""
+    rows: list[np.ndarray] = []
+    if banner:
+        head = np.zeros((32, 2 * tile, 3), np.uint8)
+        cv2.putText(head, banner, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 200, 255), 1, cv2.LINE_AA)
+        rows.append(head)
     for shard in sorted(dst_dir.glob("*.tar")):
         before = {s["__key__"]: s for s in wds.WebDataset(str(src_dir / shard.name), shardshuffle=False)}
         for sample in wds.WebDataset(str(shard), shardshuffle=False):

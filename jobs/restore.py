@@ -220,6 +220,7 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
             for k, v in json.loads(row[S.TIMINGS]).items():
                 p.seconds[k] += v
         if p.complete:
+            log.info("%s: all %d samples written, committing", p.unit.shard, len(p.rows))
             commits.append(remote_call(commit_unit, p.unit, cfg.dst, _stats(p, config_hash)))
             summary.units_done += 1
             summary.samples += len(p.rows)
@@ -234,7 +235,7 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
     if incomplete:
         raise RuntimeError(f"{len(incomplete)} unit(s) did not receive all their samples: {incomplete[:5]}")
     summary.seconds = time.perf_counter() - t0
-    log.info("summary\n%s", summary.table())
+    log.debug("summary\n%s", summary.table())  # the CLI prints it
     return summary
 
 

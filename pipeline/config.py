@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from dr2.configs import check_known_keys
 from pipeline.faces import FaceSelect
 
 
@@ -100,10 +101,8 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        check_known_keys(cls, d)
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}; known: {sorted(names)}")
         return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
 
 

@@ -11,7 +11,7 @@ import torch
 from dr2.diffusion import SpacedDiffusion
 from dr2.lowpass import LowPass
 from dr2.sampling import KeyedNoise, ReplayNoise, dr2_sample
-from dr2.unet import UNetConfig, UNetModel
+from dr2.unet import UNetModel
 
 
 def _rel(a: torch.Tensor, ref: np.ndarray) -> float:
@@ -31,12 +31,6 @@ class RecordingNoise:
         return draw
 
 
-@pytest.fixture(scope="module")
-def tiny_unet(dr2_reference: Path) -> UNetModel:
-    model = UNetModel(UNetConfig.tiny()).eval()
-    with np.load(dr2_reference / "unet_small_weights.npz", allow_pickle=False) as w:
-        model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files}, strict=True)
-    return model
 
 
 @pytest.fixture(scope="module")

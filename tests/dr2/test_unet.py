@@ -16,12 +16,6 @@ def _rel(a: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(a.detach().numpy() - ref).max() / np.abs(ref).max())
 
 
-@pytest.fixture(scope="module")
-def tiny_unet(dr2_reference: Path) -> UNetModel:
-    model = UNetModel(UNetConfig.tiny()).eval()
-    with np.load(dr2_reference / "unet_small_weights.npz", allow_pickle=False) as w:
-        model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files}, strict=True)
-    return model
 
 
 def test_full_size_state_dict_matches_official_manifest(dr2_reference: Path) -> None:

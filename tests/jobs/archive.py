@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -64,3 +65,24 @@ def build_archive(root: Path) -> dict[str, list[tuple[str, str]]]:
     # as "truncated"; g2's only member is cut, so nothing of it can be kept.
     expected["shard-002.tar"] = [("g0", "no_face"), ("g1", "truncated")]
     return expected
+
+
+def assert_shard_matches_input(out: list[dict[str, Any]], inputs: dict[str, dict[str, Any]],
+                               want: list[tuple[str, str]], shard: str) -> None:
+    """An output shard (read back by webdataset) against its input: same keys in the same order, the expected
+    statuses, every member kept byte for byte, images passed through unchanged unless restored."""
+    assert [s["__key__"] for s in out] == [k for k, _ in want], shard
+    assert [json.loads(s["dr2.json"])["status"] for s in out] == [st for _, st in want], shard
+    for sample in out:
+        meta = json.loads(sample["dr2.json"])
+        original = inputs.get(sample["__key__"])
+        if original is None:  # the truncated sample is not readable by webdataset's reader either
+            continue
+        names = {k for k in original if not k.startswith("__")}
+        assert {k for k in sample if not k.startswith("__")} == names | {"dr2.json"}
+        for name in names - {meta["image_member"]}:
+            assert sample[name] == original[name], (shard, sample["__key__"], name)
+        if meta["status"] != "ok" and meta["image_member"]:
+            assert sample[meta["image_member"]] == original[meta["image_member"]]  # passed through unchanged
+        if meta["status"] == "ok":
+            assert meta["faces"] and sample[meta["image_member"]] != original[meta["image_member"]]

@@ -58,3 +58,46 @@ def test_help_runs_for_every_command(command: str) -> None:
     out = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "usage: dr2" in out
+
+
+def test_verify_fixtures_passes_on_the_shipped_fixtures(capsys) -> None:
+    assert main(["verify-fixtures"]) == 0
+    table = capsys.readouterr().out
+    assert "dr2_trajectory" in table or "trajectory" in table
+    assert "FAIL" not in table.upper().replace("FAILED: 0", "")
+
+
+def test_weights_import_then_restore_faces(tmp_path, capsys, dr2_reference) -> None:
+    """An official-layout checkpoint (flat state dict, torch.save) imports, and restore-faces runs on it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dr2.restorer import DR2Restorer
+    from tests.pipeline.photos import astronaut, grace_hopper
+
+    tiny = DR2Restorer.tiny_random(weights_seed=5)
+    ckpt = tmp_path / "DR2_FFHQ.pkl"
+    torch.save(tiny.unet.state_dict(), ckpt)
+    # the default architecture is the official full-size one: a tiny file is refused, naming what differs
+    assert main(["weights", "import", str(ckpt), "--kind", "ddpm", "--out", str(tmp_path / "x")]) == 2
+    assert "missing" in capsys.readouterr().err.lower()
+    config = dr2_reference / "unet_small_config.json"
+    assert main(["weights", "import", str(ckpt), "--kind", "ddpm", "--out", str(tmp_path / "ddpm"),
+                 "--config", str(config)]) == 0
+    assert (tmp_path / "ddpm" / "model.safetensors").is_file()
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.fromarray(astronaut()[:480, 16:496]).save(faces / "a.png")
+    Image.fromarray(grace_hopper()[:400, :400]).save(faces / "b.jpg")
+    assert main(["restore-faces", str(faces), str(tmp_path / "out"), "--ddpm", str(tmp_path / "ddpm"),
+                 "--enhancer", "none", "--N", "4", "--tau", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    outs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in outs] == ["a.png", "b.png"]
+    restored = np.asarray(Image.open(outs[0]))
+    assert restored.shape == (512, 512, 3)
+    # the command is the library's face path: same weights, no enhancer, same key (the file name) and batch shape
+    library = DR2Restorer.tiny_random(weights_seed=5, enhancer=False, batch_size=2)
+    face = np.asarray(Image.open(faces / "a.png").resize((512, 512), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(library.restore(face[None], ["a.png"], N=4, tau=2)[0], restored)
