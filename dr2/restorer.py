@@ -144,6 +144,9 @@ class DR2Restorer:
     ``precision``: "fp32" (default, the official numerics) or "bf16"/"fp16" autocast for the two networks,
     on CUDA only. Resizing, the low-pass filter and the diffusion arithmetic stay float32.
 
+    ``omega``: DR2's start step; None takes the official rule from ``N`` and ``tau``
+    (:func:`dr2.diffusion.default_omega`).
+
     ``batch_size``: the networks always run on exactly this many faces; a longer input is split and a short
     chunk is padded (with copies of its last face, whose outputs are dropped). Kernels pick their summation
     order by batch shape (oneDNN/cuBLAS/cuDNN), so only a fixed shape makes a face's output bitwise
@@ -165,8 +168,10 @@ class DR2Restorer:
         seed: int = 0,
         model_info: dict[str, Any] | None = None,
         batch_size: int | None = 8,
+        omega: int | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.omega = omega  # DR2's start step; None = the official rule from N and tau
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.batch_size = batch_size
@@ -254,7 +259,8 @@ class DR2Restorer:
         y = pil_bicubic_uint8(x.float(), self.ddpm_size).div(127.5).sub(1.0)  # (B, 3, S_ddpm, S_ddpm) in [-1, 1]
         noise = KeyedNoise(keys, seed=self.seed, device=self.device)
         with self._autocast():
-            x0 = dr2_sample(self.unet, y, self.diffusion, N=N, tau=tau, noise=noise, lowpass=self._lowpass_for(N))
+            x0 = dr2_sample(self.unet, y, self.diffusion, N=N, tau=tau, omega=self.omega, noise=noise,
+                            lowpass=self._lowpass_for(N))
         x0 = x0.float().clamp(-1.0, 1.0)  # (B, 3, S_ddpm, S_ddpm)
         h = bicubic_resize(x0, self.enhancer_size)  # (B, 3, S_enh, S_enh)
         if self.enhancer is not None:
@@ -290,6 +296,7 @@ class DR2Restorer:
             "enhancer_size": self.enhancer_size,
             "precision": self.precision,
             "seed": self.seed,
+            "omega": self.omega,
             "batch_size": self.batch_size,
             "noise": "KeyedNoise: torch.Generator per face, blake2b(f'{seed}:{key}')",
             "resize": "bicubic a=-0.5, antialiased (Pillow BICUBIC), float32",

@@ -49,7 +49,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type[Any], *, skip:
         else:
             kw["type"] = (lambda s, tp=tp: None if s.lower() == "none" else tp(s)) if optional else tp
         shown = "none" if kw["default"] is None else kw["default"]
-        parser.add_argument(flag, help=f"{help_} (default: {shown})", **kw)
+        parser.add_argument(flag, help=f"{help_} (default: {shown})" if shown != "" else help_, **kw)
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

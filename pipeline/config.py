@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from dr2.configs import check_known_keys
+from dr2.diffusion import default_omega
 from pipeline.faces import FaceSelect
 
 
@@ -51,7 +52,7 @@ class PipelineConfig:
     enhancer: str = _f("", "SPARNetHD model dir or s3:// URI, or 'none' for bicubic")
     N: int = _f(8, "DR2 low-pass factor N (1, 2, 4, 8, 16): larger removes heavier degradation, keeps less identity")
     tau: int = _f(35, "DR2 output step tau (0..99): larger smooths more")
-    omega: int | None = _f(None, "DR2 start step omega (default: the official rule from N and tau)")
+    omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau")
     seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
     precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=("fp32", "bf16", "fp16"))
     # --- faces ---
@@ -89,6 +90,19 @@ class PipelineConfig:
             "overwrite", "endpoint_url", "record_timings",
         }
     )
+
+    def __post_init__(self) -> None:
+        """Refuse DR2 settings the sampler would reject, before any Ray worker starts."""
+        if self.N < 1:
+            raise ValueError(f"N must be >= 1, got {self.N}")
+        if not 0 <= self.tau <= 99:
+            raise ValueError(f"tau must be in 0..99 (the 100-step schedule), got {self.tau}")
+        omega = default_omega(self.N, self.tau) if self.omega is None else self.omega
+        if not self.tau <= omega <= 99:
+            rule = "" if self.omega is not None else f" (the official rule gives {omega} for N={self.N}, tau={self.tau})"
+            raise ValueError(f"omega must be in tau..99, got {omega}{rule}: lower tau or pass --omega")
+        if self.restore_batch_size < 1 or self.detect_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
             return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

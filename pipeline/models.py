@@ -67,12 +67,12 @@ def build_restorer(cfg: PipelineConfig, device: torch.device) -> FaceRestorer:
         return PassthroughRestorer()
     if cfg.restorer is RestorerKind.TINY:
         return DR2Restorer.tiny_random(device=device, precision=cfg.precision, seed=cfg.seed,
-                                       batch_size=cfg.restore_batch_size)
+                                       batch_size=cfg.restore_batch_size, omega=cfg.omega)
     cache = model_cache_root()
     ddpm = localize_model_dir(cfg.ddpm, cache)
     enhancer = None if cfg.enhancer == "none" else localize_model_dir(cfg.enhancer, cache)
     return DR2Restorer.from_dirs(ddpm, enhancer, device=device, precision=cfg.precision, seed=cfg.seed,
-                                 batch_size=cfg.restore_batch_size)
+                                 batch_size=cfg.restore_batch_size, omega=cfg.omega)
 
 
 def _sha256_of(model_dir: str) -> str:

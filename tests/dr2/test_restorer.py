@@ -120,3 +120,15 @@ def test_from_dirs_and_describe(tmp_path: Path) -> None:
     assert d["precision"] == "fp32" and d["restorer"] == "dr2"
     faces = _faces()[:1]
     assert np.array_equal(r.restore(faces, ["k"], N=1, tau=94), src.restore(faces, ["k"], N=1, tau=94))
+
+
+def test_omega_override_reaches_the_sampler(restorer: DR2Restorer, batch_float: torch.Tensor) -> None:
+    """An explicit omega equal to the official rule's gives the same faces; another start step does not."""
+    from dr2.diffusion import default_omega
+
+    faces, keys = _faces()[:1], ["a"]
+    same = DR2Restorer(unet=restorer.unet, enhancer=restorer.enhancer, batch_size=4, omega=default_omega(N, TAU))
+    torch.testing.assert_close(same.restore_float(faces, keys, N=N, tau=TAU), batch_float[:1], rtol=0, atol=0)
+    other = DR2Restorer(unet=restorer.unet, enhancer=restorer.enhancer, batch_size=4, omega=TAU)
+    assert (other.restore_float(faces, keys, N=N, tau=TAU) - batch_float[:1]).abs().max() > 1e-3
+    assert other.describe()["omega"] == TAU

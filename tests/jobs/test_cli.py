@@ -101,3 +101,14 @@ def test_weights_import_then_restore_faces(tmp_path, capsys, dr2_reference) -> N
     library = DR2Restorer.tiny_random(weights_seed=5, enhancer=False, batch_size=2)
     face = np.asarray(Image.open(faces / "a.png").resize((512, 512), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(library.restore(face[None], ["a.png"], N=4, tau=2)[0], restored)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"tau": 100}, "tau must be in 0..99"),
+    ({"N": 16, "tau": 75}, "official rule gives 100"),
+    ({"tau": 30, "omega": 20}, "omega must be in tau..99"),
+    ({"N": 0}, "N must be >= 1"),
+])
+def test_dr2_settings_out_of_range_are_refused_up_front(kw, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(src="a", dst="b", **kw)
