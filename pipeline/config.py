@@ -99,7 +99,7 @@ class PipelineConfig:
             raise ValueError(f"tau must be in 0..99 (the 100-step schedule), got {self.tau}")
         omega = default_omega(self.N, self.tau) if self.omega is None else self.omega
         if not self.tau <= omega <= 99:
-            rule = "" if self.omega is not None else f" (the official rule gives {omega} for N={self.N}, tau={self.tau})"
+            rule = f" (the official rule gives {omega} for N={self.N}, tau={self.tau})" if self.omega is None else ""
             raise ValueError(f"omega must be in tau..99, got {omega}{rule}: lower tau or pass --omega")
         if self.restore_batch_size < 1 or self.detect_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
