@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dr2.restorer import FACE_SIZE, DR2Restorer
-from pipeline.models import WEIGHTS_HELP, pick_device
+from pipeline.models import WEIGHTS_HELP, model_cache_root, pick_device
+from pipeline.storage import localize_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ def restore_folder(in_dir: Path, out_dir: Path, *, ddpm: str, enhancer: str, tin
     elif not ddpm:
         raise ValueError(f"--ddpm is required (or --tiny). {WEIGHTS_HELP}")
     else:
-        enh = None if enhancer in ("", "none") else Path(enhancer)
-        restorer = DR2Restorer.from_dirs(Path(ddpm), enh, device=dev, precision=precision, seed=seed,
-                                         batch_size=batch_size)
+        cache = model_cache_root()  # s3:// model dirs are fetched once and checksum-verified
+        enh = None if enhancer in ("", "none") else localize_model_dir(enhancer, cache)
+        restorer = DR2Restorer.from_dirs(localize_model_dir(ddpm, cache), enh, device=dev, precision=precision,
+                                         seed=seed, batch_size=batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), unit="face", desc="restore-faces") as bar:
         for start in range(0, len(files), batch_size):
