@@ -56,16 +56,17 @@ class ConfigChangedError(RuntimeError):
 @dataclass
 class UnitProgress:
     unit: WorkUnit
-    expected: int | None = None
+    expected: int | None = None  # from the end marker
     read_error: str = ""
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by index: a repeated row counts once
+    committed: bool = False
     statuses: Counter[str] = field(default_factory=Counter)
     faces: int = 0
     seconds: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
-        return self.expected is not None and len(self.rows) >= self.expected
+        return not self.committed and self.expected is not None and len(self.rows) == self.expected
 
 
 @dataclass
@@ -212,8 +213,8 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
         p = progress[row[S.SHARD]]
         if S.is_marker(row):
             p.expected, p.read_error = row[S.SHARD_SIZE], row[S.ERROR]
-        else:
-            p.rows.append(row)
+        elif row[S.INDEX] not in p.rows:
+            p.rows[row[S.INDEX]] = row
             p.statuses[row[S.STATUS]] += 1
             if row[S.STATUS] == S.Status.OK.value:
                 p.faces += len(json.loads(row[S.FACES]))
@@ -228,10 +229,9 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
             summary.statuses.update(p.statuses)
             if p.read_error:
                 summary.read_errors[p.unit.shard] = p.read_error
-            p.rows = []
-            p.expected = -1  # committed; never again
+            p.rows, p.committed = {}, True
     wait(commits)
-    incomplete = [s for s, p in progress.items() if p.expected != -1]
+    incomplete = [s for s, p in progress.items() if not p.committed]
     if incomplete:
         raise RuntimeError(f"{len(incomplete)} unit(s) did not receive all their samples: {incomplete[:5]}")
     summary.seconds = time.perf_counter() - t0

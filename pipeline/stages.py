@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dr2.diffusion import default_omega
 from dr2.restorer import FACE_SIZE, FaceRestorer
 from pipeline import schema as S
 from pipeline import storage
@@ -294,7 +295,7 @@ def sample_metadata(row: Row, cfg: PipelineConfig, model_info: dict[str, Any]) -
                                                                 S.Status.ENCODE_ERROR.value) else [],
         "N": cfg.N,
         "tau": cfg.tau,
-        "omega": cfg.omega,
+        "omega": default_omega(cfg.N, cfg.tau) if cfg.omega is None else cfg.omega,
         "seed": cfg.seed,
         "restorer": cfg.restorer.value,
         "models": model_info,
@@ -304,14 +305,13 @@ def sample_metadata(row: Row, cfg: PipelineConfig, model_info: dict[str, Any]) -
     return meta
 
 
+SUMMARY_COLUMNS = (S.SHARD, S.SOURCE, S.INDEX, S.KEY, S.STATUS, S.ERROR, S.FACES, S.TIMINGS, S.SHARD_SIZE)
+SUMMARY_SCHEMA = pa.schema([S.ROW_SCHEMA.field(k) for k in SUMMARY_COLUMNS])
+
+
 def summary(row: Row) -> Row:
     """What reaches the driver: no image bytes."""
-    return {k: row[k] for k in (S.SHARD, S.SOURCE, S.INDEX, S.KEY, S.STATUS, S.ERROR, S.FACES, S.TIMINGS,
-                                S.SHARD_SIZE)}
-
-
-SUMMARY_SCHEMA = pa.schema([S.ROW_SCHEMA.field(k) for k in (S.SHARD, S.SOURCE, S.INDEX, S.KEY, S.STATUS, S.ERROR,
-                                                              S.FACES, S.TIMINGS, S.SHARD_SIZE)])
+    return {k: row[k] for k in SUMMARY_COLUMNS}
 
 
 METADATA_MEMBER = "dr2.json"
