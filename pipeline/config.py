@@ -12,8 +12,6 @@ its neighbours, but float rounding depends on the batch shape.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -21,6 +19,7 @@ from typing import Any, ClassVar
 from dr2.configs import check_known_keys
 from dr2.diffusion import default_omega
 from pipeline.faces import FaceSelect
+from pipeline.shards import config_hash
 
 
 class InputFormat(StrEnum):
@@ -110,8 +109,7 @@ class PipelineConfig:
     def output_hash(self, model_info: dict[str, Any]) -> str:
         """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
-        blob = json.dumps({"config": relevant, "models": model_info}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return config_hash({"config": relevant, "models": model_info})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:

@@ -319,15 +319,6 @@ def write_shard_rows(
     ]
 
 
-def batch_rows(batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Columns (a Ray ``numpy``/``pandas``-like batch: name -> sequence) to a list of row dicts."""
-    names = list(batch)
-    if not names:
-        return []
-    n = len(batch[names[0]])
-    return [{k: batch[k][i] for k in names} for i in range(n)]
-
-
 # --- commit and resume (shared by shards and chunks) -----------------------------------------------
 
 

@@ -47,6 +47,8 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
+from dr2.weights import sha256_file
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -756,28 +758,10 @@ def write_json_atomic(uri: str, obj: Any, *, options: StorageOptions | None = No
     write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), options=options)
 
 
-def copy_into(src_uri: str, out: IO[bytes], *, options: StorageOptions | None = None) -> int:
-    """Stream ``src_uri`` into the open writer ``out``; returns the number of bytes copied."""
-    n = 0
-    with open_read(src_uri, options=options) as f:
-        while chunk := f.read(8 * MiB):
-            out.write(chunk)
-            n += len(chunk)
-    return n
-
-
 # --- model directories -----------------------------------------------------------------------------
 
 MODEL_FILES = ("config.json", "model.safetensors")
 SHA256_KEY = "sha256"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(uri: str, dest: Path, options: StorageOptions | None) -> str:
@@ -836,7 +820,7 @@ def _localize_locked(uri: str, cache_dir: Path, options: StorageOptions | None) 
         st = weights_path.stat()
         if stamp.read_text() == f"{expected} {st.st_size} {st.st_mtime_ns}":
             return cache_dir
-    actual = file_sha256(weights_path) if weights_path.is_file() else None
+    actual = sha256_file(weights_path) if weights_path.is_file() else None
     for attempt in range(2):
         if actual == expected:
             st = weights_path.stat()
