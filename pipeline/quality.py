@@ -81,7 +81,17 @@ class FaceQuality:
     N: int  # the low-pass factor lowfreq_psnr was measured with
 
     def to_dict(self) -> dict[str, float | int]:
+        """JSON-ready, floats rounded to 4 decimals (what report.json and dr2.json carry)."""
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @staticmethod
+    def from_dict(d: dict[str, float | int]) -> FaceQuality:
+        return FaceQuality(
+            lowfreq_psnr=float(d["lowfreq_psnr"]),
+            delta_e=float(d["delta_e"]),
+            sharpness_gain=float(d["sharpness_gain"]),
+            N=int(d["N"]),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -163,7 +163,7 @@ def test_measures_are_deterministic_and_serialisable() -> None:
     assert a == measure_face(c.copy(), unsharp(c), N=4)
     d = a.to_dict()
     assert set(d) == {"lowfreq_psnr", "delta_e", "sharpness_gain", "N"} and d["N"] == 4
-    assert FaceQuality(**d).lowfreq_psnr == pytest.approx(a.lowfreq_psnr, abs=1e-4)
+    assert FaceQuality.from_dict(d).lowfreq_psnr == pytest.approx(a.lowfreq_psnr, abs=1e-4)
 
 
 def test_bad_inputs_raise() -> None:
