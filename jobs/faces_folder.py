@@ -13,30 +13,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dr2.restorer import FACE_SIZE, DR2Restorer
-from pipeline.models import WEIGHTS_HELP, model_cache_root, pick_device
-from pipeline.storage import localize_model_dir
+from dr2.restorer import FACE_SIZE
+from pipeline.config import RestorerKind
+from pipeline.models import WEIGHTS_HELP, build_restorer, pick_device
+from pipeline.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-FACE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
 def restore_folder(in_dir: Path, out_dir: Path, *, ddpm: str, enhancer: str, tiny: bool, N: int, tau: int, seed: int,
                    batch_size: int, device: str, precision: str) -> int:
-    files = sorted(p for p in in_dir.iterdir() if p.suffix.lower() in FACE_SUFFIXES)
+    files = sorted(p for p in in_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(FACE_SUFFIXES)}) in {in_dir}")
-    dev = pick_device(device)
-    if tiny:
-        restorer = DR2Restorer.tiny_random(device=dev, precision=precision, seed=seed, batch_size=batch_size)
-    elif not ddpm:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {in_dir}")
+    if not tiny and not ddpm:
         raise ValueError(f"--ddpm is required (or --tiny). {WEIGHTS_HELP}")
-    else:
-        cache = model_cache_root()  # s3:// model dirs are fetched once and checksum-verified
-        enh = None if enhancer in ("", "none") else localize_model_dir(enhancer, cache)
-        restorer = DR2Restorer.from_dirs(localize_model_dir(ddpm, cache), enh, device=dev, precision=precision,
-                                         seed=seed, batch_size=batch_size)
+    # the same builder as `dr2 restore`: s3:// model dirs are fetched once per node and checksum-verified
+    restorer = build_restorer(kind=RestorerKind.TINY if tiny else RestorerKind.DR2, ddpm=ddpm, enhancer=enhancer,
+                              device=pick_device(device), precision=precision, seed=seed, batch_size=batch_size,
+                              omega=None)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), unit="face", desc="restore-faces") as bar:
         for start in range(0, len(files), batch_size):

@@ -1,16 +1,20 @@
-"""The archive job: ``dr2 restore SRC DST``. Plans the work units, skips finished ones, runs the Ray graph,
-commits each shard as soon as all its samples are written, and prints a summary.
+"""The archive job: ``dr2 restore SRC DST``. Plans the units, skips finished ones, runs the Ray graph, commits
+each unit as soon as all its samples are staged, and prints a summary.
 
 Exactly-once, as the driver sees it:
 
-* A unit (input shard, or chunk of plain images) is committed only when the driver has seen its end
-  marker and one summary row for each of the ``shard_size`` samples the reader found. The commit (a small
-  Ray task) concatenates the staged parts into ``DST/<shard>`` atomically and then writes
-  ``DST/<shard stem>.stats.json``, the marker that a rerun checks.
-* A rerun skips units whose marker carries the same config hash; ``--overwrite`` redoes them; a unit done
-  under another config is refused unless ``--overwrite`` is given.
-* Staged parts of units about to be processed are cleared first, so a part from an older config can never
-  be mixed in.
+* The writers send one summary per staged part (the index range it covers, counts per status, faces,
+  seconds) and one per unit end (how many samples the reader found). A unit is committed only when its end
+  summary has arrived and the part summaries cover ``0..unit_size-1`` exactly (the same cover rule the commit
+  applies to the staged parts, so a retried block is never counted twice). The commit (a small Ray task)
+  concatenates the staged parts into the unit's output atomically and then writes its ``.stats.json``
+  marker, which a rerun checks.
+* A rerun skips units whose marker carries the same config hash and whose output has the recorded size;
+  ``--overwrite`` redoes them; a unit done under another config is refused unless ``--overwrite`` is given.
+* Staged parts live under a folder named by the unit and the config hash, and those of units about to be
+  processed are cleared first, so a part from another run or config can never be mixed in.
+* The driver holds a few numbers per unit in flight, never a row per sample: its memory is flat in the
+  number of rows.
 """
 
 from __future__ import annotations
@@ -28,21 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import schema as S
-from pipeline.build import build_dataset, init_ray, remote_call, stream_summaries, wait
+from pipeline import shards, storage
 from pipeline.config import InputFormat, PipelineConfig
-from pipeline.models import model_identity
-from pipeline.shards import (
-    UnitState,
-    chunk_name,
-    chunk_state,
-    clear_chunk_staging,
-    clear_staging,
-    commit_chunk,
-    commit_shard,
-    shard_state,
-)
-from pipeline.stages import WorkUnit
-from pipeline.storage import IMAGE_SUFFIXES, expand_sources, is_s3, list_images, write_bytes_atomic
+from pipeline.shards import ShardCommitError
+from pipeline.sources import IMAGE_SUFFIXES, expand_sources, list_images
+from pipeline.units import Unit, UnitKind, chunk_name
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +49,22 @@ class ConfigChangedError(RuntimeError):
 
 @dataclass
 class UnitProgress:
-    unit: WorkUnit
-    expected: int | None = None  # from the end marker
+    unit: Unit
+    expected: int | None = None  # from the end summary
     read_error: str = ""
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by index: a repeated row counts once
+    parts: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # by index range: a retry counts once
+    read_seconds: float = 0.0
     committed: bool = False
-    statuses: Counter[str] = field(default_factory=Counter)
-    faces: int = 0
-    seconds: Counter[str] = field(default_factory=Counter)
 
-    @property
-    def complete(self) -> bool:
-        return not self.committed and self.expected is not None and len(self.rows) == self.expected
+    def cover(self) -> list[dict[str, Any]] | None:
+        """The part summaries that cover the unit exactly, once its end has arrived; else None."""
+        if self.committed or self.expected is None:
+            return None
+        try:
+            chain = shards.cover([(a, b, p) for (a, b), p in self.parts.items()], self.expected, self.unit.name)
+        except ShardCommitError:
+            return None
+        return [p for _, _, p in chain]
 
 
 @dataclass
@@ -76,8 +74,12 @@ class RunSummary:
     units_done: int = 0
     samples: int = 0
     faces: int = 0
+    faces_found: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    stage_seconds: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    plan_seconds: float = 0.0
+    first_commit_seconds: float | None = None
     read_errors: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
@@ -85,12 +87,17 @@ class RunSummary:
             f"{'units (shards/chunks)':<24}{self.units_total} total, {self.units_skipped} already done, "
             f"{self.units_done} written",
             f"{'samples':<24}{self.samples}",
-            f"{'faces restored':<24}{self.faces}",
+            f"{'faces found':<24}{self.faces_found}",
+            f"{'faces pasted back':<24}{self.faces}",
         ]
         for status, n in sorted(self.statuses.items()):
             lines.append(f"{'  ' + status:<24}{n}")
         rate = self.faces / self.seconds if self.seconds else 0.0
-        lines.append(f"{'wall time':<24}{self.seconds:.1f} s ({rate:.2f} faces/s)")
+        rows = self.samples / self.seconds if self.seconds else 0.0
+        lines.append(f"{'wall time':<24}{self.seconds:.1f} s ({rows:.1f} samples/s, {rate:.2f} faces/s)")
+        if self.first_commit_seconds is not None:
+            lines.append(f"{'first unit committed':<24}{self.first_commit_seconds:.1f} s after start "
+                         f"(planning {self.plan_seconds:.1f} s)")
         for unit, err in self.read_errors.items():
             lines.append(f"{'read error':<24}{unit}: {err}")
         return "\n".join(lines)
@@ -101,76 +108,60 @@ class RunSummary:
 
 def _common_dir(uris: Sequence[str]) -> str:
     dirs = [u.rsplit("/", 1)[0] for u in uris]
-    prefix = posixpath.commonpath(dirs) if not any(d.startswith("s3://") for d in dirs) else _common_s3(dirs)
-    return prefix
+    if any(storage.is_s3(d) for d in dirs):
+        parts = [d.split("/") for d in dirs]
+        common = []
+        for segs in zip(*parts, strict=False):
+            if len(set(segs)) != 1:
+                break
+            common.append(segs[0])
+        return "/".join(common)
+    return posixpath.commonpath(dirs)
 
 
-def _common_s3(dirs: Sequence[str]) -> str:
-    parts = [d.split("/") for d in dirs]
-    common = []
-    for segs in zip(*parts, strict=False):
-        if len(set(segs)) != 1:
-            break
-        common.append(segs[0])
-    return "/".join(common)
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` lies in ``root`` (by path components, not by string prefix)."""
+    if storage.is_s3(path) != storage.is_s3(root):
+        return False
+    if storage.is_s3(path):
+        return (path.rstrip("/") + "/").startswith(root.rstrip("/") + "/")
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(root)))
 
 
-def plan_units(cfg: PipelineConfig) -> tuple[list[WorkUnit], bool]:
-    """The work units of SRC and whether they are plain-image chunks."""
+def plan_units(cfg: PipelineConfig) -> list[Unit]:
+    """The units of SRC: one per .tar shard, else chunks of plain images."""
     fmt = cfg.input_format
-    shards = expand_sources(cfg.src) if fmt in (InputFormat.AUTO, InputFormat.WEBDATASET) else []
-    dst = cfg.dst.rstrip("/") + "/"
-    inside = [u for u in shards if u.startswith(dst) or u.startswith(os.path.abspath(dst))]
+    options = cfg.storage_options()
+    tars = expand_sources(cfg.src, options=options) if fmt in (InputFormat.AUTO, InputFormat.WEBDATASET) else []
+    inside = [u for u in tars if _inside(u, cfg.dst)]
     if inside:
         raise ValueError(f"SRC matches files inside DST ({inside[0]}): outputs would be read back as inputs. "
                          "Choose a DST outside SRC.")
-    if shards:
-        root = _common_dir(shards)
-        return [WorkUnit(shard=u[len(root):].lstrip("/"), source=u) for u in shards], False
+    if tars:
+        root = _common_dir(tars)
+        return [Unit(name=u[len(root):].lstrip("/"), kind=UnitKind.SHARD, source=u) for u in tars]
     if fmt is InputFormat.WEBDATASET:
         raise FileNotFoundError(f"no .tar shards match {cfg.src!r}")
-    images = list_images(cfg.src, IMAGE_SUFFIXES)
-    if not is_s3(cfg.src) and Path(cfg.dst).resolve().is_relative_to(Path(cfg.src).resolve()):
+    if _inside(cfg.dst, cfg.src):
         raise ValueError(f"DST {cfg.dst} lies inside SRC {cfg.src}: outputs would be read back as inputs")
+    images = list_images(cfg.src, IMAGE_SUFFIXES, options=options)
     if not images:
         raise FileNotFoundError(f"no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.src!r}")
     n = max(1, cfg.images_per_chunk)
     chunks = [tuple(images[i : i + n]) for i in range(0, len(images), n)]
-    return [WorkUnit(shard=chunk_name(k), source=cfg.src, images=c) for k, c in enumerate(chunks)], True
+    return [Unit(name=chunk_name(k), kind=UnitKind.IMAGES, source=cfg.src, images=c) for k, c in enumerate(chunks)]
 
 
-def _chunk_number(unit: WorkUnit) -> int:
-    return int(unit.shard.rsplit("-", 1)[1])
-
-
-def unit_state(unit: WorkUnit, dst: str, config_hash: str) -> UnitState:
-    if unit.images:
-        return chunk_state(dst, _chunk_number(unit), config_hash)
-    return shard_state(dst, unit.shard, config_hash)
-
-
-def clear_unit_staging(unit: WorkUnit, dst: str) -> None:
-    if unit.images:
-        clear_chunk_staging(dst, _chunk_number(unit))
-    else:
-        clear_staging(dst, unit.shard)
-
-
-def commit_unit(unit: WorkUnit, dst: str, stats: dict[str, Any]) -> dict[str, Any]:
-    """Assemble a unit's staged parts into its final object and write its marker (runs as a Ray task)."""
-    if unit.images:
-        return commit_chunk(dst, _chunk_number(unit), stats["samples"], stats)
-    return commit_shard(dst, unit.shard, stats["samples"], stats)
-
-
-def select_todo(units: Sequence[WorkUnit], cfg: PipelineConfig, config_hash: str) -> list[WorkUnit]:
+def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) -> list[Unit]:
+    """The units to run: not done under this config (``--overwrite``: all). One listing of DST decides."""
+    states = shards.unit_states(units, cfg.dst, config_hash, options=cfg.storage_options())
     todo, conflicts = [], []
     for u in units:
-        state = unit_state(u, cfg.dst, config_hash)
+        state = states[u.name]
         if state == "done" and not cfg.overwrite:
             continue
         if state == "conflict" and not cfg.overwrite:
-            conflicts.append(u.shard)
+            conflicts.append(u.name)
             continue
         todo.append(u)
     if conflicts:
@@ -186,50 +177,58 @@ def select_todo(units: Sequence[WorkUnit], cfg: PipelineConfig, config_hash: str
 
 def run_restore(cfg: PipelineConfig) -> RunSummary:
     """Run the whole job; returns the summary (also logged)."""
+    from pipeline.build import build_dataset, init_ray, remote_call, stream_summaries, wait
+    from pipeline.models import model_identity
+
     t0 = time.perf_counter()
     if not cfg.src or not cfg.dst:
         raise ValueError("both SRC and DST are needed")
-    if cfg.endpoint_url:  # the standard variable: boto3 here, and the workers of a local Ray, read it
-        os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
+    options = cfg.storage_options()
     model_info = model_identity(cfg)
     config_hash = cfg.output_hash(model_info)
-    units, images_mode = plan_units(cfg)
+    units = plan_units(cfg)
     todo = select_todo(units, cfg, config_hash)
     summary = RunSummary(units_total=len(units), units_skipped=len(units) - len(todo))
-    resolved = {"config": cfg.to_dict(), "models": model_info, "config_hash": config_hash}
-    write_bytes_atomic(f"{cfg.dst.rstrip('/')}/{CONFIG_FILE}", json.dumps(resolved, indent=2).encode())
+    resolved = {"config": cfg.to_dict(), "resolved": {"omega": cfg.resolved_omega}, "models": model_info,
+                "config_hash": config_hash}
+    storage.write_bytes_atomic(storage.join(cfg.dst, CONFIG_FILE), json.dumps(resolved, indent=2).encode(),
+                               options=options)
+    summary.plan_seconds = time.perf_counter() - t0
     if not todo:
         log.info("all %d units in %s are done; nothing to do (use --overwrite to redo)", len(units), cfg.dst)
         summary.seconds = time.perf_counter() - t0
         return summary
     for u in todo:
-        clear_unit_staging(u, cfg.dst)
+        shards.clear_staging(u, cfg.dst, config_hash, options=options)
 
     init_ray(cfg)
-    progress = {u.shard: UnitProgress(u) for u in todo}
+    progress = {u.name: UnitProgress(u) for u in todo}
     commits = []
-    ds = build_dataset(todo, cfg, model_info, images_mode=images_mode)
-    for row in stream_summaries(ds):
-        p = progress[row[S.SHARD]]
-        if S.is_marker(row):
-            p.expected, p.read_error = row[S.SHARD_SIZE], row[S.ERROR]
-        elif row[S.INDEX] not in p.rows:
-            p.rows[row[S.INDEX]] = row
-            p.statuses[row[S.STATUS]] += 1
-            if row[S.STATUS] == S.Status.OK.value:
-                p.faces += len(json.loads(row[S.FACES]))
-            for k, v in json.loads(row[S.TIMINGS]).items():
-                p.seconds[k] += v
-        if p.complete:
-            log.info("%s: all %d samples written, committing", p.unit.shard, len(p.rows))
-            commits.append(remote_call(commit_unit, p.unit, cfg.dst, _stats(p, config_hash)))
-            summary.units_done += 1
-            summary.samples += len(p.rows)
-            summary.faces += p.faces
-            summary.statuses.update(p.statuses)
-            if p.read_error:
-                summary.read_errors[p.unit.shard] = p.read_error
-            p.rows, p.committed = {}, True
+    ds = build_dataset(todo, cfg, model_info, config_hash)
+    for part in stream_summaries(ds):
+        p = progress[part[S.UNIT]]
+        if part["first"] == -1:  # the unit's end
+            p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
+            p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
+        else:
+            p.parts.setdefault((part["first"], part["last"]), part)
+        chain = p.cover()
+        if chain is None:
+            continue
+        stats = _stats(p, chain, config_hash)
+        log.info("%s: all %d samples staged, committing", p.unit.name, p.expected)
+        commits.append(remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options))
+        if summary.first_commit_seconds is None:
+            summary.first_commit_seconds = time.perf_counter() - t0
+        summary.units_done += 1
+        summary.samples += stats["samples"]
+        summary.faces += stats["faces"]
+        summary.faces_found += stats["faces_found"]
+        summary.statuses.update(stats["statuses"])
+        summary.stage_seconds.update(stats["seconds"])
+        if p.read_error:
+            summary.read_errors[p.unit.name] = p.read_error
+        p.parts, p.committed = {}, True
     wait(commits)
     incomplete = [s for s, p in progress.items() if not p.committed]
     if incomplete:
@@ -239,16 +238,22 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
     return summary
 
 
-def _stats(p: UnitProgress, config_hash: str) -> dict[str, Any]:
+def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> dict[str, Any]:
+    statuses: Counter[str] = Counter()
+    seconds: Counter[str] = Counter({"read": p.read_seconds})
+    for part in chain:
+        statuses.update(dict(part["statuses"]))
+        seconds.update({k: v for k, v in (part["seconds"] or {}).items() if v})
     return {
-        "shard": p.unit.shard,
+        "shard": p.unit.name,
         "source": p.unit.source,
-        "samples": len(p.rows),
-        "statuses": dict(sorted(p.statuses.items())),
-        "faces": p.faces,
+        "samples": p.expected,
+        "statuses": dict(sorted(statuses.items())),
+        "faces": sum(int(part["faces"]) for part in chain),
+        "faces_found": sum(int(part["faces_found"]) for part in chain),
         "read_error": p.read_error,
         "config_hash": config_hash,
-        "seconds": {k: round(v, 3) for k, v in sorted(p.seconds.items())},
+        "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }
 
 

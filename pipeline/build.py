@@ -4,14 +4,16 @@ Ray's argument names (``map_batches``' ``compute``/``concurrency``, ``ActorPoolS
 move between minor releases; this file is written against ray 2.60 (pinned in pyproject.toml), and no
 other module sets Ray resources.
 
-The graph, for a list of work units (shards or image chunks):
+The graph, for a list of units (shards or image chunks), every arrow a block of rows (an Arrow table):
 
-    from_items(units) -> flat_map(read_source)                      CPU tasks, one unit each, streaming rows
-      -> repartition(target_num_rows_per_block=detect_batch_size)   small blocks, so the stages overlap
-      -> map_batches(DetectStage,  actor pool, cpus/gpus per actor)  decode, detect, align
-      -> map_batches(RestoreStage, actor pool, cpus/gpus per actor)  DR2 + enhancer across images
-      -> map_batches(compose_and_write_batch, CPU tasks)            paste back, encode, write staged parts
-      -> summary rows (no image bytes), consumed by the driver as they stream
+    from_items(units) -> map_batches(read_units_batch, CPU tasks)  a unit each; blocks of <= rows_per_block rows
+      -> map_batches(DetectStage,  actor pool)      decode, detect, align; re-blocks to <= faces_block faces
+      -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, all faces of a block in one call
+      -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
+      -> summary rows (one per part, no image bytes), consumed by the driver as they stream
+
+``batch_size=None`` everywhere after the read: a stage takes the blocks the previous one made, whole, so the
+block sizes chosen by the reader (rows, bytes) and by detection (faces) are the sizes every stage sees.
 
 Failure bounds: Ray's defaults retry tasks and restart actors without limit, so a batch that always kills
 its actor would loop forever (NOTES.md). Here actors restart at most ``MAX_RESTARTS`` times and a batch
@@ -31,7 +33,8 @@ import ray
 import ray.data
 
 from pipeline.config import PipelineConfig
-from pipeline.stages import DetectStage, RestoreStage, WorkUnit, compose_and_write_batch, read_source
+from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
+from pipeline.units import Unit
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +60,30 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx.execution_options.preserve_order = False
 
 
-def build_dataset(units: Sequence[WorkUnit], cfg: PipelineConfig, model_info: dict[str, Any],
-                  *, images_mode: bool) -> ray.data.Dataset:
-    """The restoration graph over ``units``; iterate it to run it."""
+def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
+                  config_hash: str) -> ray.data.Dataset:
+    """The restoration graph over ``units`` (all of one kind); iterate it to run it."""
     # Ray 2.60 has no named parameter for retry/restart limits: they go through ``**ray_remote_args``,
     # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        return _build(units, cfg, model_info, images_mode=images_mode)
+        return _build(units, cfg, model_info, config_hash)
 
 
-def _build(units: Sequence[WorkUnit], cfg: PipelineConfig, model_info: dict[str, Any],
-           *, images_mode: bool) -> ray.data.Dataset:
+def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
+           config_hash: str) -> ray.data.Dataset:
+    kinds = {u.kind for u in units}
+    if len(kinds) != 1:
+        raise ValueError(f"one job runs units of one kind, got {sorted(k.value for k in kinds)}")
     ds: ray.data.Dataset = ray.data.from_items([u.to_item() for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.flat_map(read_source, num_cpus=0.25, max_retries=MAX_RETRIES)
-    # A read task's rows would otherwise leave it as ONE block (Ray packs a task's output up to
-    # DataContext.target_max_block_size, 128 MiB), and every later stage hands a block on only when its
-    # task is done: a whole shard would pass each stage in one piece and the stages would barely overlap.
-    # Blocks of one detector batch let detection, restoration and writing run side by side.
-    ds = ds.repartition(target_num_rows_per_block=max(1, cfg.detect_batch_size))
+    ds = ds.map_batches(
+        read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
+        fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
     actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RETRIES}
     ds = ds.map_batches(
         DetectStage,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.detect_batch_size,
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.detect_actors),
         num_cpus=cfg.cpus_per_actor,
@@ -90,8 +93,7 @@ def _build(units: Sequence[WorkUnit], cfg: PipelineConfig, model_info: dict[str,
     ds = ds.map_batches(
         RestoreStage,
         fn_constructor_kwargs={"cfg": cfg},
-        # a batch of images; its faces are restored restore_batch_size at a time
-        batch_size=max(1, cfg.restore_batch_size),
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.restore_actors),
         num_cpus=cfg.cpus_per_actor,
@@ -99,9 +101,9 @@ def _build(units: Sequence[WorkUnit], cfg: PipelineConfig, model_info: dict[str,
         **actor_args,
     )
     ds = ds.map_batches(
-        compose_and_write_batch,  # type: ignore[arg-type]  # extra arguments come through fn_kwargs
-        fn_kwargs={"cfg": cfg, "model_info": model_info, "images_mode": images_mode},
-        batch_size=cfg.detect_batch_size,
+        write_block_batch,  # type: ignore[arg-type]  # extra arguments come through fn_kwargs
+        fn_kwargs={"cfg": cfg, "model_info": model_info, "config_hash": config_hash, "kind": next(iter(kinds)).value},
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=0.25,
         max_retries=MAX_RETRIES,
@@ -110,8 +112,10 @@ def _build(units: Sequence[WorkUnit], cfg: PipelineConfig, model_info: dict[str,
 
 
 def stream_summaries(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
-    """Run the graph, yielding each row's summary as it completes."""
-    yield from ds.iter_rows()
+    """Run the graph, yielding each part's summary (a few per block) as it completes."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
+        yield from table.to_pylist()
 
 
 def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:

@@ -12,14 +12,17 @@ its neighbours, but float rounding depends on the batch shape.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, ClassVar
 
 from dr2.configs import check_known_keys
-from dr2.diffusion import default_omega
-from pipeline.faces import FaceSelect
-from pipeline.shards import config_hash
+from pipeline.schema import FaceSelect
+from pipeline.storage import StorageOptions
 
 
 class InputFormat(StrEnum):
@@ -51,7 +54,8 @@ class PipelineConfig:
     enhancer: str = _f("", "SPARNetHD model dir or s3:// URI, or 'none' for bicubic")
     N: int = _f(8, "DR2 low-pass factor N (1, 2, 4, 8, 16): larger removes heavier degradation, keeps less identity")
     tau: int = _f(35, "DR2 output step tau (0..99): larger smooths more")
-    omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau")
+    omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau (see "
+                           "resolved_omega)")
     seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
     precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=("fp32", "bf16", "fp16"))
     # --- faces ---
@@ -72,7 +76,13 @@ class PipelineConfig:
     gpus_per_restorer: float = _f(0.0, "GPUs per restorer actor (0 on CPU-only machines; 1 or a fraction on GPU nodes)")
     gpus_per_detector: float = _f(0.0, "GPUs per detector actor (e.g. 0.1 to share a GPU)")
     cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional, so reads and writes keep running)")
-    detect_batch_size: int = _f(8, "images per detector batch")
+    detect_batch_size: int = _f(8, "images per detector forward pass")
+    rows_per_block: int = _f(
+        256, "at most this many samples travel together between stages (one Ray call and one staged part per block)")
+    block_mb: int = _f(64, "at most this many MiB of input bytes per block")
+    faces_per_block: int = _f(
+        0, "at most this many faces per block reaching the restorer (0: 2 x restore_batch_size), so that "
+        "detection, restoration and writing overlap")
     restore_batch_size: int = _f(
         8, "faces per restorer forward pass; it fixes the networks' batch shape, so like N and tau it is part of "
         "the output's identity (float rounding depends on it)")
@@ -86,7 +96,7 @@ class PipelineConfig:
         {
             "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
-            "overwrite", "endpoint_url", "record_timings",
+            "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
         }
     )
 
@@ -96,15 +106,34 @@ class PipelineConfig:
             raise ValueError(f"N must be >= 1, got {self.N}")
         if not 0 <= self.tau <= 99:
             raise ValueError(f"tau must be in 0..99 (the 100-step schedule), got {self.tau}")
-        omega = default_omega(self.N, self.tau) if self.omega is None else self.omega
+        omega = self.resolved_omega
         if not self.tau <= omega <= 99:
             rule = f" (the official rule gives {omega} for N={self.N}, tau={self.tau})" if self.omega is None else ""
-            raise ValueError(f"omega must be in tau..99, got {omega}{rule}: lower tau or pass --omega")
-        if self.restore_batch_size < 1 or self.detect_batch_size < 1:
-            raise ValueError("batch sizes must be >= 1")
+            hint = "lower --tau or pass --omega" if self.omega is None else "pass an --omega in that range"
+            raise ValueError(f"omega must be in tau..99 (tau={self.tau}), got {omega}{rule}: {hint}")
+        if self.restore_batch_size < 1 or self.detect_batch_size < 1 or self.rows_per_block < 1 or self.block_mb < 1:
+            raise ValueError("batch and block sizes must be >= 1")
+
+    @cached_property
+    def resolved_omega(self) -> int:
+        """omega, resolved ONCE for the whole job: the given value, else the official rule from N and tau
+        (:func:`dr2.diffusion.default_omega`). Everything downstream (sampler, dr2.json) takes this value."""
+        if self.omega is not None:
+            return self.omega
+        from dr2.diffusion import default_omega  # torch: imported only where a rule must be evaluated
+
+        return default_omega(self.N, self.tau)
+
+    @property
+    def faces_block(self) -> int:
+        return self.faces_per_block or 2 * self.restore_batch_size
+
+    def storage_options(self) -> StorageOptions:
+        """How every stage reaches storage: built here from the config and passed down explicitly."""
+        return StorageOptions(endpoint_url=self.endpoint_url or None)
 
     def to_dict(self) -> dict[str, Any]:
-            return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def output_hash(self, model_info: dict[str, Any]) -> str:
         """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
@@ -116,6 +145,12 @@ class PipelineConfig:
         check_known_keys(cls, d)
         names = {f.name: f for f in dataclasses.fields(cls)}
         return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace, UTF-8) of a JSON-able config mapping."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _jsonable(v: Any) -> Any:

@@ -24,6 +24,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import cv2
 import numpy as np
@@ -361,3 +362,49 @@ def _encode_16_bit(decoded: DecodedImage, rgb: np.ndarray) -> bytes:
     if not ok:
         raise ImageError(Status.ENCODE_ERROR, f"OpenCV could not write a 16-bit {decoded.format.value}")
     return bytes(buf.tobytes())
+
+
+# --------------------------------------------------------------------------------------------- carrying
+
+
+def decoded_to_record(d: DecodedImage) -> dict[str, Any]:
+    """What re-encoding needs of ``d``, as plain values for the ``decoded`` column (``schema.DECODED_TYPE``).
+
+    Detection decodes each image once; the rows with faces carry this to the paste-back stage, which rebuilds
+    the :class:`DecodedImage` with :func:`decoded_from_record` instead of decoding the bytes a second time.
+    """
+    return {
+        "format": d.format.value,
+        "mode": d.mode,
+        "height": d.height,
+        "width": d.width,
+        "rgb": np.ascontiguousarray(d.rgb).tobytes(),
+        "alpha": None if d.alpha is None else np.ascontiguousarray(d.alpha).tobytes(),
+        "alpha_dtype": None if d.alpha is None else d.alpha.dtype.str,
+        "pixels16": None if d.pixels16 is None else np.ascontiguousarray(d.pixels16).astype("<u2").tobytes(),
+        "pixels16_channels": None if d.pixels16 is None else (1 if d.pixels16.ndim == 2 else d.pixels16.shape[2]),
+        "gray": d.gray,
+        "icc_profile": d.icc_profile,
+        "exif": d.exif,
+        "orientation": d.orientation,
+        "lossless": d.lossless,
+        "progressive": d.progressive,
+        "tiff_compression": d.tiff_compression,
+    }
+
+
+def decoded_from_record(rec: dict[str, Any], data: bytes) -> DecodedImage:
+    """The :class:`DecodedImage` of ``data`` that :func:`decoded_to_record` described (no decoding)."""
+    h, w = int(rec["height"]), int(rec["width"])
+    rgb = np.frombuffer(rec["rgb"], np.uint8).reshape(h, w, 3)
+    alpha = None if rec["alpha"] is None else np.frombuffer(rec["alpha"], np.dtype(rec["alpha_dtype"])).reshape(h, w)
+    pixels16 = None
+    if rec["pixels16"] is not None:
+        c = int(rec["pixels16_channels"])
+        flat = np.frombuffer(rec["pixels16"], "<u2").astype(np.uint16)
+        pixels16 = flat.reshape(h, w) if c == 1 else flat.reshape(h, w, c)
+    return DecodedImage(
+        data=data, format=ImageFormat(rec["format"]), mode=rec["mode"], rgb=rgb, alpha=alpha, pixels16=pixels16,
+        gray=bool(rec["gray"]), icc_profile=rec["icc_profile"], exif=rec["exif"], orientation=int(rec["orientation"]),
+        lossless=bool(rec["lossless"]), progressive=bool(rec["progressive"]), tiff_compression=rec["tiff_compression"],
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import cv2
@@ -23,6 +22,7 @@ import numpy as np
 
 from dr2.restorer import FACE_SIZE, FaceRestorer
 from pipeline.mtcnn import Detection, FaceDetector
+from pipeline.schema import FaceSelect
 
 # facexlib's FFHQ 512 template (x, y): left eye, right eye, nose, left mouth corner, right mouth corner.
 FFHQ_TEMPLATE_512 = np.array(
@@ -36,14 +36,6 @@ FFHQ_TEMPLATE_512 = np.array(
     dtype=np.float32,
 )
 BORDER_VALUE = (135, 133, 132)  # facexlib's fill for crop pixels outside the photo
-
-
-class FaceSelect(StrEnum):
-    """Which detected faces an image restores."""
-
-    ALL = "all"  # every face (up to max_faces, largest first)
-    LARGEST = "largest"  # the face with the largest box
-    CENTER = "center"  # the face whose box centre is nearest the image centre
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,25 +1,33 @@
-"""Building the models a stage holds, from the job config: the MTCNN detector and the face restorer.
+"""Building the models a stage holds, the one place: the MTCNN detector, the face restorer, and the node-local cache
+of model directories that live on S3.
 
 Device choice lives here, not in ``dr2`` (which never picks a device): ``auto`` means CUDA when this
 process can see a GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` for an actor given ``num_gpus``), else CPU.
-Model directories given as ``s3://`` URIs are copied to a node-local cache and checksum-verified first.
+Model directories given as ``s3://`` URIs are copied to a node-local cache and checksum-verified first
+(:func:`localize_model_dir`). ``dr2 restore`` (through :func:`restorer_from_config`) and ``dr2 restore-faces``
+both build their restorer with :func:`build_restorer`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dr2.restorer import DR2Restorer, FaceRestorer, PassthroughRestorer
+from dr2.weights import sha256_file
+from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
 from pipeline.mtcnn import MTCNN, MTCNNConfig, load_mtcnn
-from pipeline.storage import localize_model_dir, read_bytes
+from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +69,39 @@ def build_detector(cfg: PipelineConfig, device: torch.device) -> MTCNN:
     return load_mtcnn(mtcnn_cfg, device=device)
 
 
-def build_restorer(cfg: PipelineConfig, device: torch.device) -> FaceRestorer:
-    check_restorer_config(cfg)
-    if cfg.restorer is RestorerKind.PASSTHROUGH:
+def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torch.device, precision: str, seed: int,
+                   batch_size: int, omega: int | None, options: StorageOptions | None = None) -> FaceRestorer:
+    """The face restorer of ``kind``; for DR2, model dirs (local or s3://) are localized and verified first.
+
+    ``enhancer`` ``"none"`` (or empty) means bicubic upsampling instead of SPARNetHD.
+    """
+    if kind is RestorerKind.PASSTHROUGH:
         return PassthroughRestorer()
-    if cfg.restorer is RestorerKind.TINY:
-        return DR2Restorer.tiny_random(device=device, precision=cfg.precision, seed=cfg.seed,
-                                       batch_size=cfg.restore_batch_size, omega=cfg.omega)
+    if kind is RestorerKind.TINY:
+        return DR2Restorer.tiny_random(device=device, precision=precision, seed=seed, batch_size=batch_size,
+                                       omega=omega)
+    if not ddpm:
+        raise ValueError(f"--ddpm is required. {WEIGHTS_HELP}")
     cache = model_cache_root()
-    ddpm = localize_model_dir(cfg.ddpm, cache)
-    enhancer = None if cfg.enhancer == "none" else localize_model_dir(cfg.enhancer, cache)
-    return DR2Restorer.from_dirs(ddpm, enhancer, device=device, precision=cfg.precision, seed=cfg.seed,
-                                 batch_size=cfg.restore_batch_size, omega=cfg.omega)
+    ddpm_dir = localize_model_dir(ddpm, cache, options=options)
+    enhancer_dir = None if enhancer in ("", "none") else localize_model_dir(enhancer, cache, options=options)
+    return DR2Restorer.from_dirs(ddpm_dir, enhancer_dir, device=device, precision=precision, seed=seed,
+                                 batch_size=batch_size, omega=omega)
 
 
-def _sha256_of(model_dir: str) -> str:
-    blob = json.loads(read_bytes(f"{model_dir.rstrip('/')}/config.json"))
+def restorer_from_config(cfg: PipelineConfig, device: torch.device) -> FaceRestorer:
+    check_restorer_config(cfg)
+    return build_restorer(kind=cfg.restorer, ddpm=cfg.ddpm, enhancer=cfg.enhancer, device=device,
+                          precision=cfg.precision, seed=cfg.seed, batch_size=cfg.restore_batch_size,
+                          omega=cfg.resolved_omega, options=cfg.storage_options())
+
+
+def _sha256_of(model_dir: str, options: StorageOptions) -> str:
+    try:
+        blob = json.loads(storage.read_bytes(f"{model_dir.rstrip('/')}/config.json", options=options))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{model_dir} holds no config.json: it is not a model directory. {WEIGHTS_HELP}") from None
     return str(blob["sha256"])
 
 
@@ -84,9 +109,94 @@ def model_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """The models' identity without loading them: restorer kind and weight checksums (from config.json)."""
     check_restorer_config(cfg)
     if cfg.restorer is RestorerKind.DR2:
+        opts = cfg.storage_options()
         return {
             "restorer": "dr2",
-            "ddpm_sha256": _sha256_of(cfg.ddpm),
-            "enhancer_sha256": "none" if cfg.enhancer == "none" else _sha256_of(cfg.enhancer),
+            "ddpm_sha256": _sha256_of(cfg.ddpm, opts),
+            "enhancer_sha256": "none" if cfg.enhancer == "none" else _sha256_of(cfg.enhancer, opts),
         }
     return {"restorer": cfg.restorer.value}
+
+
+# --- the node-local cache of s3:// model directories ---------------------------------------------
+
+MODEL_FILES = ("config.json", "model.safetensors")
+SHA256_KEY = "sha256"
+
+
+def _download(uri: str, dest: Path, options: StorageOptions | None) -> str:
+    """Stream ``uri`` to a temp file beside ``dest``, rename it onto ``dest``; returns the sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    h = hashlib.sha256()
+    try:
+        with storage.open_read(uri, options=options) as src, open(tmp, "wb") as out:
+            while chunk := src.read(8 * storage.MiB):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return h.hexdigest()
+
+
+def localize_model_dir(uri: str, cache_root: str | Path, *, options: StorageOptions | None = None) -> Path:
+    """A local directory holding the model at ``uri`` (``config.json`` + ``model.safetensors``).
+
+    A local directory is returned as is. For ``s3://``, both files are downloaded into
+    ``cache_root/<sha256(uri)[:16]>/`` and ``model.safetensors`` is checked against the sha256 that
+    ``config.json`` records under ``"sha256"``. A cached copy whose hash matches is reused; a
+    mismatch is downloaded once more, and a second mismatch raises :class:`StorageError` (the weights
+    or the recorded hash are wrong). Safe with several processes on one node: a file lock serialises
+    them and every file lands by download-to-temp + rename.
+    """
+    if not storage.is_s3(uri):
+        path = storage.local_path(uri)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {uri}")
+        return path
+    cache_dir = Path(cache_root) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _localize_locked(uri.rstrip("/"), cache_dir, options)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _localize_locked(uri: str, cache_dir: Path, options: StorageOptions | None) -> Path:
+    config_path = cache_dir / MODEL_FILES[0]
+    weights_path = cache_dir / MODEL_FILES[1]
+    _download(storage.join(uri, MODEL_FILES[0]), config_path, options)  # small: always refresh
+    try:
+        expected = json.loads(config_path.read_text())[SHA256_KEY]
+    except (KeyError, ValueError, TypeError) as e:
+        raise storage.StorageError(
+            f"{uri}/config.json records no {SHA256_KEY!r} of {MODEL_FILES[1]}: cannot verify") from e
+    stamp = cache_dir / f".{MODEL_FILES[1]}.verified"
+    if weights_path.is_file() and stamp.is_file():
+        st = weights_path.stat()
+        if stamp.read_text() == f"{expected} {st.st_size} {st.st_mtime_ns}":
+            return cache_dir
+    actual = sha256_file(weights_path) if weights_path.is_file() else None
+    for attempt in range(2):
+        if actual == expected:
+            st = weights_path.stat()
+            stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
+            return cache_dir
+        if actual is not None:
+            log.warning(
+                "%s: sha256 %s != recorded %s (attempt %d); downloading", weights_path, actual, expected, attempt
+            )
+        actual = _download(storage.join(uri, MODEL_FILES[1]), weights_path, options)
+    if actual == expected:
+        st = weights_path.stat()
+        stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
+        return cache_dir
+    raise storage.StorageError(
+        f"{uri}/{MODEL_FILES[1]} has sha256 {actual} but config.json records {expected}, after re-downloading: "
+        "the uploaded weights or the recorded hash are wrong; re-upload the model directory"
+    )

@@ -1,76 +1,127 @@
-"""The record that flows: column names and row statuses, named once.
+"""The record that flows: column names, their Arrow types and the row statuses, named once.
 
-One row per source image flows through every stage; no stage drops a row. Stages only add or
-replace columns. A row whose image is bad carries ``status`` and a readable ``error`` to the end and
-is written to the output all the same (its original bytes pass through unchanged).
+One row per source image flows through every stage; no stage drops a row. Stages only add or replace
+columns, and they work on whole Arrow tables (blocks of hundreds of rows), never on Python dicts per row:
+moving a cheap row must cost next to nothing beside the work done on it (STYLE rule 14). A row whose
+image is bad carries ``status`` and a readable ``error`` to the end and is written to the output all the
+same (its original bytes pass through unchanged).
 
-Columns (Arrow types in brackets):
+Columns (Arrow types in :data:`ROW_SCHEMA`):
 
-* ``key`` [string]: the sample key (WebDataset ``__key__``, or the relative path for plain images).
-* ``source`` [string]: the shard URI or object it came from.
-* ``shard`` [string]: the unit of work, stats and resume: the input shard's relative name.
-* ``index`` [int64]: the sample's position inside its shard (output order).
-* ``image_member`` [string]: the name of the member that holds the image (e.g. ``jpg``, ``png``).
-* ``image`` [binary]: the raw bytes as read.
-* ``extra_names`` [list<string>], ``extra_data`` [list<binary>]: every other member of the sample,
-  passed through byte for byte, in input order.
-* ``faces`` [string]: JSON list of per-face metadata (box, score, landmarks, affine) after detection.
-* ``crops`` [list<binary>]: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration.
-* ``restored`` [list<binary>]: restored faces, same layout as ``crops``.
-* ``output`` [binary]: the composed, re-encoded image (or the input bytes for a passed-through row).
-* ``status`` [string] and ``error`` [string]: on every row, from the first stage on.
-* ``timings`` [string]: JSON object of seconds per stage.
-* ``shard_size`` [int64]: set only on a shard's end marker (``index == -1``), the row the reader emits after
-  a shard's last sample: how many samples the shard held, and in ``error`` why reading stopped early, if it
-  did. The driver commits a shard once it has seen the marker and that many rows. Stages pass markers on
-  untouched.
+* ``key``: the sample key (WebDataset ``__key__``, or the relative path for plain images).
+* ``unit``: the unit of work, stats and resume (:class:`pipeline.units.Unit` name): the input shard's
+  relative name, or an image chunk's name.
+* ``index``: the sample's position inside its unit (output order). ``-1`` marks a unit's END ROW, emitted by
+  the reader after the unit's last sample, whose ``unit_size`` says how many samples the unit held and whose
+  ``error`` says why reading stopped early, if it did. Stages pass end rows on untouched; the writer turns
+  them into the summary that lets the driver commit the unit.
+* ``image_member``: the name (suffix) of the member that holds the image (``jpg``, ``png``), or null.
+* ``image``: the image's raw bytes as read.
+* ``member_names`` / ``member_data``: every member of the sample in input order; the image member's slot
+  holds empty bytes (its bytes travel once, in ``image``; the writer puts the output back in that slot).
+* ``faces``: per detected and aligned face: ``box`` (x1, y1, x2, y2), ``score``, ``landmarks`` (5 x (x, y),
+  flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened).
+* ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration.
+* ``restored``: restored faces, same layout as ``crops``; dropped after paste-back.
+* ``decoded``: what re-encoding needs of the decoded image (:func:`pipeline.decode.decoded_to_record`), kept
+  only for rows that have faces to paste back, so that no image is decoded twice.
+* ``output``: the composed, re-encoded image (or the input bytes for a passed-through row).
+* ``status`` / ``error``: on every row, from the reader on.
+* ``timings``: seconds per stage for this row.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
 import pyarrow as pa
 
 KEY = "key"
-SOURCE = "source"
-SHARD = "shard"
+UNIT = "unit"
 INDEX = "index"
+UNIT_SIZE = "unit_size"
 IMAGE_MEMBER = "image_member"
 IMAGE = "image"
-EXTRA_NAMES = "extra_names"
-EXTRA_DATA = "extra_data"
+MEMBER_NAMES = "member_names"
+MEMBER_DATA = "member_data"
 FACES = "faces"
 CROPS = "crops"
 RESTORED = "restored"
+DECODED = "decoded"
 OUTPUT = "output"
 STATUS = "status"
 ERROR = "error"
 TIMINGS = "timings"
-SHARD_SIZE = "shard_size"
-END_MARKER_INDEX = -1
+END_INDEX = -1
+
+STAGES = ("read", "decode", "detect", "align", "restore", "compose", "write")
+"""Stage names of ``timings``, in pipeline order."""
+
+FACE_TYPE = pa.struct(
+    [
+        ("box", pa.list_(pa.float64())),
+        ("score", pa.float64()),
+        ("landmarks", pa.list_(pa.float64())),
+        ("affine", pa.list_(pa.float64())),
+    ]
+)
+TIMINGS_TYPE = pa.struct([(name, pa.float64()) for name in STAGES])
+DECODED_TYPE = pa.struct(
+    [
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("rgb", pa.large_binary()),
+        ("alpha", pa.large_binary()),
+        ("alpha_dtype", pa.string()),
+        ("pixels16", pa.large_binary()),
+        ("pixels16_channels", pa.int32()),
+        ("gray", pa.bool_()),
+        ("icc_profile", pa.binary()),
+        ("exif", pa.binary()),
+        ("orientation", pa.int32()),
+        ("lossless", pa.bool_()),
+        ("progressive", pa.bool_()),
+        ("tiff_compression", pa.string()),
+    ]
+)
 
 ROW_SCHEMA = pa.schema(
     [
         (KEY, pa.string()),
-        (SOURCE, pa.string()),
-        (SHARD, pa.string()),
+        (UNIT, pa.string()),
         (INDEX, pa.int64()),
+        (UNIT_SIZE, pa.int64()),
         (IMAGE_MEMBER, pa.string()),
-        (IMAGE, pa.binary()),
-        (EXTRA_NAMES, pa.list_(pa.string())),
-        (EXTRA_DATA, pa.list_(pa.binary())),
-        (FACES, pa.string()),
-        (CROPS, pa.list_(pa.binary())),
-        (RESTORED, pa.list_(pa.binary())),
-        (OUTPUT, pa.binary()),
+        (IMAGE, pa.large_binary()),
+        (MEMBER_NAMES, pa.list_(pa.string())),
+        (MEMBER_DATA, pa.list_(pa.large_binary())),
+        (FACES, pa.list_(FACE_TYPE)),
+        (CROPS, pa.list_(pa.large_binary())),
+        (RESTORED, pa.list_(pa.large_binary())),
+        (DECODED, DECODED_TYPE),
+        (OUTPUT, pa.large_binary()),
         (STATUS, pa.string()),
         (ERROR, pa.string()),
-        (TIMINGS, pa.string()),
-        (SHARD_SIZE, pa.int64()),
+        (TIMINGS, TIMINGS_TYPE),
     ]
 )
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        (UNIT, pa.string()),
+        ("first", pa.int64()),  # first..last: the indexes this part covers; both -1 for an end row
+        ("last", pa.int64()),
+        (UNIT_SIZE, pa.int64()),  # end rows: the unit's sample count
+        (ERROR, pa.string()),  # end rows: why reading stopped early
+        ("statuses", pa.map_(pa.string(), pa.int64())),
+        ("faces", pa.int64()),  # faces restored and pasted back
+        ("faces_found", pa.int64()),
+        ("seconds", TIMINGS_TYPE),
+    ]
+)
+"""What reaches the driver: one small row per staged part (and one per unit end), never one per sample."""
 
 
 class Status(StrEnum):
@@ -85,29 +136,19 @@ class Status(StrEnum):
     DETECT_ERROR = "detect_error"  # the detector failed on this image
     RESTORE_ERROR = "restore_error"  # the restorer failed on this image's faces
     ENCODE_ERROR = "encode_error"  # the composed image could not be encoded
-    TRUNCATED = "truncated"  # the shard broke off inside this sample: passed through with the members read
+    TRUNCATED = "truncated"  # the unit broke off inside this sample: passed through with the members read
 
 
 FINAL_STATUSES = tuple(s for s in Status if s is not Status.PENDING)
 
 
-def new_row(*, key: str, source: str, shard: str, index: int, image_member: str | None, image: bytes | None,
-            extra: list[tuple[str, bytes]]) -> dict[str, Any]:
-    """A row as the reader emits it: every column present, later stages fill the rest."""
-    return {
-        KEY: key, SOURCE: source, SHARD: shard, INDEX: index, IMAGE_MEMBER: image_member, IMAGE: image,
-        EXTRA_NAMES: [n for n, _ in extra], EXTRA_DATA: [d for _, d in extra], FACES: "[]", CROPS: [],
-        RESTORED: [], OUTPUT: None, STATUS: Status.PENDING.value if image is not None else Status.NO_IMAGE.value,
-        ERROR: "" if image is not None else "sample has no image member", TIMINGS: "{}", SHARD_SIZE: None,
-    }
+class FaceSelect(StrEnum):
+    """Which detected faces an image restores."""
+
+    ALL = "all"  # every face (up to max_faces, largest first)
+    LARGEST = "largest"  # the face with the largest box
+    CENTER = "center"  # the face whose box centre is nearest the image centre
 
 
-def end_marker(*, source: str, shard: str, size: int, error: str = "") -> dict[str, Any]:
-    """The row that closes a shard: ``size`` samples were read; ``error`` says why reading stopped early."""
-    row = new_row(key="", source=source, shard=shard, index=END_MARKER_INDEX, image_member=None, image=None, extra=[])
-    row.update({STATUS: Status.PENDING.value, ERROR: error, SHARD_SIZE: size})
-    return row
-
-
-def is_marker(row: dict[str, Any]) -> bool:
-    return bool(row[INDEX] == END_MARKER_INDEX)
+def empty_timings() -> dict[str, float]:
+    return dict.fromkeys(STAGES, 0.0)

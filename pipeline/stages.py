@@ -1,339 +1,542 @@
-"""The pipeline's stages: plain functions over lists of row dicts, and the thin Ray classes that hold a model.
+"""The pipeline's stages: plain functions over Arrow tables (blocks of rows), and the thin Ray classes that hold
+a model.
 
-Each stage takes rows (``pipeline.schema``) and returns the same rows with columns filled in; none drops a
-row. Exceptions that concern one image become that row's ``status``/``error`` through ``row_guard``; an
-exception that concerns the infrastructure (weights that will not load, storage that refuses writes)
-propagates and stops the job (STYLE rule 7).
+Each stage takes a block (``pipeline.schema.ROW_SCHEMA``) and returns the same rows with columns filled in;
+none drops a row. Only the columns a stage changes are converted to Python, and only for the rows it works on;
+the members of a sample travel untouched from the reader to the writer. Exceptions that concern one image
+become that row's ``status``/``error`` through :func:`guarded`; an exception that concerns the infrastructure
+(weights that will not load, storage that refuses writes) propagates and stops the job (STYLE rule 7).
 
 Stages, in order:
 
-1. ``read_source`` (Ray ``flat_map``, CPU task): one input shard or image chunk -> its rows, then an end marker.
-2. ``detect_rows`` (actor: ``DetectStage``): decode, detect, align -> ``faces`` and ``crops``.
-3. ``restore_rows`` (actor: ``RestoreStage``): all crops of a batch, across images, through the restorer.
-4. ``compose_and_write`` (CPU task): paste back, encode, write the output part; returns a small summary row.
+1. :func:`read_unit` (CPU task): one unit -> blocks of at most ``rows_per_block`` rows and ``block_mb`` MiB, then
+   the unit's end row.
+2. :func:`detect_block` (actor :class:`DetectStage`): decode, detect (``detect_batch_size`` images per forward),
+   align -> ``faces``, ``crops`` and ``decoded``; yields blocks of at most ``faces_block`` faces, so that the
+   restorer gets work early and a block's decoded pixels stay bounded.
+3. :func:`restore_block` (actor :class:`RestoreStage`): every crop of the block, across images, through the
+   restorer in ONE call (the restorer alone chunks and pads to its batch shape); if that call fails, the faces are
+   retried one by one so only the images whose faces fail get ``restore_error``.
+4. :func:`compose_block` + :func:`write_block` (CPU task): paste back and encode without decoding again, stage
+   one part per block, return one summary row per part (:data:`pipeline.schema.SUMMARY_SCHEMA`).
 
-The Ray classes follow Ray's batch-inference pattern: ``__init__`` loads the model once, ``__call__`` maps
-a batch under ``torch.inference_mode()``. ``pipeline/build.py`` is the only place that wires them into Ray.
+Torch, OpenCV and the models are imported inside the functions that use them: the driver imports this module
+to hand its classes to Ray and should not pay for what only workers run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from dr2.diffusion import default_omega
-from dr2.restorer import FACE_SIZE, FaceRestorer
 from pipeline import schema as S
-from pipeline import storage
+from pipeline import shards, storage
 from pipeline.config import PipelineConfig
-from pipeline.decode import DecodedImage, ImageError, decode_image, encode_image
-from pipeline.faces import AlignOptions, FaceMeta, align_faces, paste_faces
-from pipeline.models import build_detector, build_restorer, pick_device
-from pipeline.mtcnn import MTCNN, Detection
-from pipeline.shards import (
-    Sample,
-    ShardReadError,
-    iter_tar_samples,
-    pick_image_member,
-    write_image_outputs,
-    write_shard_rows,
-)
-from pipeline.storage import read_bytes
+from pipeline.units import Unit, UnitKind
+from pipeline.wds import Sample, ShardReadError, encode_tar_part, iter_tar_samples, pick_image_member
+
+if TYPE_CHECKING:
+    from dr2.restorer import FaceRestorer
+    from pipeline.decode import DecodedImage
+    from pipeline.mtcnn import MTCNN
 
 log = logging.getLogger(__name__)
 
-Row = dict[str, Any]
 T = TypeVar("T")
+METADATA_MEMBER = "dr2.json"
+FACE_SIZE = 512  # the aligned-face size (dr2.restorer.FACE_SIZE), here without importing torch
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def guarded(row: Row, status: S.Status, fn: Callable[..., T], *args: Any) -> T | None:
-    """``fn(*args)`` for one row; an exception becomes the row's ``status``/``error`` and gives None.
+def error_text(e: BaseException) -> str:
+    """A readable, deterministic error text: the exception type and message, with no object addresses."""
+    import re
 
-    ``ImageError`` carries its own status (``decode_error``, ``too_large``); anything else gets ``status``.
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def guarded(status: list[str], error: list[str], i: int, on_error: S.Status, fn: Callable[..., T],
+            *args: Any) -> T | None:
+    """``fn(*args)`` for row ``i``; an exception becomes the row's ``status``/``error`` and gives None.
+
+    An ``ImageError`` carries its own status (``decode_error``, ``too_large``); anything else gets ``on_error``.
     The one place where a per-image failure turns into data (STYLE rule 7); ``fn`` never returns None.
     """
+    from pipeline.decode import ImageError
+
     try:
         return fn(*args)
     except ImageError as e:
-        row[S.STATUS], row[S.ERROR] = e.status.value, str(e)
+        status[i], error[i] = e.status.value, str(e)
     except Exception as e:  # noqa: BLE001 - a row status is the point: one bad image must not stop the job
-        log.warning("%s %s/%s: %s", status.value, row[S.SHARD], row[S.KEY], e, exc_info=True)
-        row[S.STATUS], row[S.ERROR] = status.value, f"{type(e).__name__}: {e}"
+        log.warning("%s on row %d: %s", on_error.value, i, e, exc_info=True)
+        status[i], error[i] = on_error.value, error_text(e)
     return None
 
 
-def _pending(row: Row) -> bool:
-    return not S.is_marker(row) and row[S.STATUS] == S.Status.PENDING.value
+def _column(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist()
 
 
-def _add_timing(row: Row, name: str, seconds: float) -> None:
-    timings = json.loads(row[S.TIMINGS])
-    timings[name] = round(timings.get(name, 0.0) + seconds, 6)
-    row[S.TIMINGS] = json.dumps(timings, sort_keys=True)
+def _timings(table: pa.Table) -> list[dict[str, float]]:
+    return [t if t is not None else S.empty_timings() for t in _column(table, S.TIMINGS)]
 
 
-@contextlib.contextmanager
-def _timed(row: Row, name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        _add_timing(row, name, time.perf_counter() - t0)
+def _replace(table: pa.Table, columns: dict[str, list[Any] | pa.Array]) -> pa.Table:
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        field = S.ROW_SCHEMA.field(name)
+        arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, field.type)
+        table = table.set_column(i, field, arr)
+    return table
 
 
-def align_options(cfg: PipelineConfig) -> AlignOptions:
-    return AlignOptions(select=cfg.select, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size)
+def block_table(columns: dict[str, list[Any]], n: int) -> pa.Table:
+    """A block with every ROW_SCHEMA column; columns not given are null."""
+    arrays = [pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type) for f in S.ROW_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=S.ROW_SCHEMA)
 
 
-def to_rows(table: pa.Table) -> list[Row]:
-    return table.to_pylist()
-
-
-def to_table(rows: list[Row]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=S.ROW_SCHEMA)
+def _pending(status: str) -> bool:
+    return status == S.Status.PENDING.value
 
 
 # --------------------------------------------------------------------------------------------- 1. read
 
 
-@dataclass(frozen=True)
-class WorkUnit:
-    """One unit of work, stats and resume: a .tar shard, or a chunk of plain images."""
+class _BlockBuilder:
+    """Accumulates read rows column by column; ``full`` once a block's row or byte budget is reached."""
 
-    shard: str  # output name: the shard's relative name ("part/000.tar") or "chunk-000003"
-    source: str  # the shard URI, or the image root for a chunk
-    images: tuple[str, ...] = ()  # chunk only: relative image paths
+    NAMES = (S.KEY, S.UNIT, S.INDEX, S.UNIT_SIZE, S.IMAGE_MEMBER, S.IMAGE, S.MEMBER_NAMES, S.MEMBER_DATA, S.STATUS,
+             S.ERROR)
 
-    def to_item(self) -> dict[str, Any]:
-        return {"shard": self.shard, "source": self.source, "images": list(self.images)}
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.max_rows = cfg.rows_per_block
+        self.max_bytes = cfg.block_mb * storage.MiB
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cols: dict[str, list[Any]] = {n: [] for n in self.NAMES}
+        self.bytes = 0
+
+    def add(self, *, key: str, unit: str, index: int, image_member: str | None, image: bytes | None,
+            members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None) -> None:
+        c = self.cols
+        c[S.KEY].append(key)
+        c[S.UNIT].append(unit)
+        c[S.INDEX].append(index)
+        c[S.UNIT_SIZE].append(unit_size)
+        c[S.IMAGE_MEMBER].append(image_member)
+        c[S.IMAGE].append(image)
+        c[S.MEMBER_NAMES].append([n for n, _ in members])
+        c[S.MEMBER_DATA].append([d for _, d in members])
+        c[S.STATUS].append(status)
+        c[S.ERROR].append(error)
+        self.bytes += sum(len(d) for _, d in members) + (len(image) if image else 0)
+
+    def __len__(self) -> int:
+        return len(self.cols[S.KEY])
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.max_rows or self.bytes >= self.max_bytes
+
+    def take(self) -> pa.Table:
+        table = block_table(self.cols, len(self))
+        self._reset()
+        return table
 
 
-def read_source(item: dict[str, Any]) -> Iterator[Row]:
-    """Rows of one work unit, in input order, then its end marker.
-
-    A shard that breaks off (truncated or corrupt tar) yields the samples before the cut, then the
-    interrupted sample (status ``truncated``, with the members that were read); the marker's ``error``
-    says what happened and the shard's stats record it. Unreadable storage raises.
-    """
-    shard, source, images = item["shard"], item["source"], item["images"]
-    n, error = 0, ""
-    if images:  # a chunk of plain images: the key is the relative path
-        for n, rel in enumerate(images):
-            member = rel.rsplit(".", 1)[-1].lower()
-            yield S.new_row(key=rel, source=source, shard=shard, index=n, image_member=member,
-                            image=read_bytes(storage.join(source, rel)), extra=[])
-        n = len(images)
-    else:
-        try:
-            for sample in iter_tar_samples(source):
-                yield _sample_row(sample, source, shard, n)
-                n += 1
-        except ShardReadError as e:
-            log.warning("shard %s: %s", source, e)
-            error = str(e)
-            if e.partial is not None:
-                row = _sample_row(e.partial, source, shard, n)
-                row[S.STATUS], row[S.ERROR] = S.Status.TRUNCATED.value, f"sample cut off by a damaged shard: {e.reason}"
-                yield row
-                n += 1
-    yield S.end_marker(source=source, shard=shard, size=n, error=error)
-
-
-def _sample_row(sample: Sample, source: str, shard: str, index: int) -> Row:
-    """A sample's row. ``extra_*`` keep every member in input order; the image member's own slot there is
-    empty (its bytes travel once, in ``image``) and the writer puts the output bytes back in that slot."""
+def _sample_fields(sample: Sample) -> tuple[str | None, bytes | None, list[tuple[str, bytes]]]:
+    """(image member, image bytes, members with the image slot emptied): the image's bytes travel once."""
     member = pick_image_member(sample.members)
     image = next((d for name, d in sample.members if name == member), None) if member else None
-    extra = [(name, b"" if name == member else d) for name, d in sample.members]
-    return S.new_row(key=sample.key, source=source, shard=shard, index=index, image_member=member, image=image,
-                     extra=extra)
+    members = [(name, b"" if name == member else d) for name, d in sample.members]
+    return member, image, members
+
+
+def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
+    """Blocks of one unit's rows, in input order; the last block ends with the unit's end row.
+
+    A shard that breaks off (truncated or corrupt tar) yields the samples before the cut, then the
+    interrupted sample (status ``truncated``, with the members that were read); the end row's ``error`` says
+    what happened and the unit's stats record it. Unreadable storage raises.
+    """
+    options = cfg.storage_options()
+    block = _BlockBuilder(cfg)
+    pending = S.Status.PENDING.value
+    n, error, t0 = 0, "", time.perf_counter()
+    if unit.kind is UnitKind.IMAGES:  # the key is the relative path
+        for n, rel in enumerate(unit.images):
+            suffix = rel.rsplit(".", 1)[-1].lower()
+            data = storage.read_bytes(storage.join(unit.source, rel), options=options)
+            block.add(key=rel, unit=unit.name, index=n, image_member=suffix, image=data, members=[],
+                      status=pending, error="")
+            if block.full:
+                yield block.take()
+        n = len(unit.images)
+    else:
+        try:
+            for sample in iter_tar_samples(unit.source, options=options):
+                member, image, members = _sample_fields(sample)
+                block.add(key=sample.key, unit=unit.name, index=n, image_member=member, image=image, members=members,
+                          status=pending if image is not None else S.Status.NO_IMAGE.value,
+                          error="" if image is not None else "sample has no image member")
+                n += 1
+                if block.full:
+                    yield block.take()
+        except ShardReadError as e:
+            log.warning("shard %s: %s", unit.source, e)
+            error = str(e)
+            if e.partial is not None:
+                member, image, members = _sample_fields(e.partial)
+                block.add(key=e.partial.key, unit=unit.name, index=n, image_member=member, image=image,
+                          members=members, status=S.Status.TRUNCATED.value,
+                          error=f"sample cut off by a damaged shard: {e.reason}")
+                n += 1
+    block.add(key="", unit=unit.name, index=S.END_INDEX, image_member=None, image=None, members=[], status=pending,
+              error=error, unit_size=n)
+    table = block.take()
+    timings = [None] * (table.num_rows - 1) + [{**S.empty_timings(), "read": time.perf_counter() - t0}]
+    yield _replace(table, {S.TIMINGS: timings})
+
+
+def read_units_batch(batch: pa.Table, cfg: PipelineConfig) -> Iterator[pa.Table]:
+    """Ray adapter: ``batch`` holds unit items (``Unit.to_item``)."""
+    for item in batch.to_pylist():
+        yield from read_unit(Unit.from_item(item), cfg)
 
 
 # --------------------------------------------------------------------------------------------- 2. detect
 
 
-def detect_rows(rows: list[Row], detector: MTCNN, cfg: PipelineConfig) -> list[Row]:
-    """Decode each pending row, detect faces in the whole batch at once, align the chosen ones."""
-    decoded: list[tuple[Row, np.ndarray]] = []
-    for row in filter(_pending, rows):
-        with _timed(row, "decode"):
-            img = guarded(row, S.Status.DECODE_ERROR, _decode, row, cfg)
-        if img is not None:
-            decoded.append((row, img.rgb))
-    if not decoded:
-        return rows
-    t0 = time.perf_counter()
-    detections: list[Detection | None]
-    try:
-        detections = list(detector.detect([rgb for _, rgb in decoded]))
-    except Exception:  # noqa: BLE001 - retry image by image so one bad image does not fail its neighbours
-        detections = [guarded(row, S.Status.DETECT_ERROR, _detect_one, detector, rgb) for row, rgb in decoded]
-    per_image = (time.perf_counter() - t0) / len(decoded)
-    opts = align_options(cfg)
-    for (row, rgb), det in zip(decoded, detections, strict=True):
-        if det is None:
-            continue
-        _add_timing(row, "detect", per_image)
-        with _timed(row, "align"):
-            faces = guarded(row, S.Status.DETECT_ERROR, align_faces, rgb, det, opts)
-        if faces is None:
-            continue
-        row[S.FACES] = json.dumps([f.meta.to_json_dict() for f in faces])
-        row[S.CROPS] = [f.crop.tobytes() for f in faces]
-        if not faces:
-            row[S.STATUS], row[S.ERROR] = S.Status.NO_FACE.value, ""
-    return rows
+def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Iterator[pa.Table]:
+    """Decode each pending row, detect faces ``detect_batch_size`` images at a time, align the chosen ones.
+
+    Yields the block in slices of at most ``cfg.faces_block`` faces (a slice ends after the row that reaches
+    it), so the restorer starts early and the decoded pixels held at once stay bounded.
+    """
+    from pipeline.decode import decoded_to_record
+    from pipeline.faces import AlignOptions, align_faces
+
+    status, error = _column(table, S.STATUS), _column(table, S.ERROR)
+    index = table.column(S.INDEX).to_numpy()
+    todo = [i for i, s in enumerate(status) if _pending(s) and index[i] != S.END_INDEX]
+    if not todo:
+        yield table
+        return
+    images = table.column(S.IMAGE)
+    timings = _timings(table)
+    opts = AlignOptions(select=cfg.select, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size)
+    n = table.num_rows
+    faces: list[list[dict[str, Any]] | None] = [None] * n
+    crops: list[list[bytes] | None] = [None] * n
+    decoded_col: list[dict[str, Any] | None] = [None] * n
+    start, face_count = 0, 0
+    bs = cfg.detect_batch_size
+    for b in range(0, len(todo), bs):
+        batch: list[tuple[int, DecodedImage]] = []
+        for i in todo[b : b + bs]:
+            t0 = time.perf_counter()
+            img = guarded(status, error, i, S.Status.DECODE_ERROR, decode_image, images[i].as_py(), cfg.max_pixels)
+            timings[i]["decode"] += time.perf_counter() - t0
+            if img is not None:
+                batch.append((i, img))
+        if batch:
+            t0 = time.perf_counter()
+            detections: list[Any]
+            try:
+                detections = list(detector.detect([img.rgb for _, img in batch]))
+            except Exception:  # noqa: BLE001 - retry image by image so one bad image does not fail its neighbours
+                detections = [guarded(status, error, i, S.Status.DETECT_ERROR, _detect_one, detector, img.rgb)
+                              for i, img in batch]
+            per_image = (time.perf_counter() - t0) / len(batch)
+            for (i, img), det in zip(batch, detections, strict=True):
+                timings[i]["detect"] += per_image
+                if det is None:
+                    continue
+                t0 = time.perf_counter()
+                aligned = guarded(status, error, i, S.Status.DETECT_ERROR, align_faces, img.rgb, det, opts)
+                if aligned is not None:
+                    faces[i] = [_face_record(f.meta) for f in aligned]
+                    crops[i] = [f.crop.tobytes() for f in aligned]
+                    if aligned:
+                        decoded_col[i] = decoded_to_record(img)
+                        face_count += len(aligned)
+                    else:
+                        status[i], error[i] = S.Status.NO_FACE.value, ""
+                timings[i]["align"] += time.perf_counter() - t0
+        last = todo[min(b + bs, len(todo)) - 1]
+        if face_count >= cfg.faces_block and last + 1 < n:
+            yield _detected(table, start, last + 1, status, error, timings, faces, crops, decoded_col)
+            start, face_count = last + 1, 0
+    yield _detected(table, start, n, status, error, timings, faces, crops, decoded_col)
 
 
-def _decode(row: Row, cfg: PipelineConfig) -> DecodedImage:
-    return decode_image(row[S.IMAGE], max_pixels=cfg.max_pixels)
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    from pipeline.decode import decode_image as decode
+
+    return decode(data, max_pixels=max_pixels)
 
 
-def _detect_one(detector: MTCNN, rgb: np.ndarray) -> Detection:
+def _detected(table: pa.Table, start: int, stop: int, status: list[str], error: list[str],
+              timings: list[dict[str, float]], faces: list[Any], crops: list[Any], decoded: list[Any]) -> pa.Table:
+    part = table.slice(start, stop - start)
+    sl = slice(start, stop)
+    return _replace(part, {S.STATUS: status[sl], S.ERROR: error[sl], S.TIMINGS: timings[sl], S.FACES: faces[sl],
+                           S.CROPS: crops[sl], S.DECODED: decoded[sl]})
+
+
+def _face_record(meta: Any) -> dict[str, Any]:
+    return {"box": [float(v) for v in meta.box], "score": float(meta.score),
+            "landmarks": [float(v) for xy in meta.landmarks for v in xy],
+            "affine": [float(v) for row in meta.affine for v in row]}
+
+
+def face_json(rec: dict[str, Any]) -> dict[str, Any]:
+    """A ``faces`` record as ``dr2.json`` shows it: landmarks as 5 (x, y) pairs, affine as 2 rows of 3."""
+    lm, af = rec["landmarks"], rec["affine"]
+    return {"box": list(rec["box"]), "score": rec["score"], "landmarks": [[lm[k], lm[k + 1]] for k in range(0, 10, 2)],
+            "affine": [af[0:3], af[3:6]]}
+
+
+def _detect_one(detector: MTCNN, rgb: np.ndarray) -> Any:
     return detector.detect([rgb])[0]
 
 
 # --------------------------------------------------------------------------------------------- 3. restore
 
 
-def face_key(row: Row, face_index: int) -> str:
-    """The stable name a face's noise is seeded from: shard, sample key, face index."""
-    return f"{row[S.SHARD]}/{row[S.KEY]}/{face_index}"
+def face_key(unit: str, key: str, face_index: int) -> str:
+    """The stable name a face's noise is seeded from: unit, sample key, face index. The one face-key builder."""
+    return f"{unit}/{key}/{face_index}"
 
 
-def restore_rows(rows: list[Row], restorer: FaceRestorer, cfg: PipelineConfig) -> list[Row]:
-    """Restore every crop of the batch, across images, ``cfg.restore_batch_size`` faces per forward pass.
+def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) -> pa.Table:
+    """Restore every crop of the block, across images, in one restorer call (which batches and pads).
 
-    A failing forward pass is retried face by face, so only the images whose faces fail get
+    If the call fails, faces are retried one at a time, so only the images whose faces fail get
     ``restore_error`` (and pass through unchanged).
     """
-    todo = [r for r in rows if _pending(r) and r[S.CROPS]]
-    faces = [(r, i, c) for r in todo for i, c in enumerate(r[S.CROPS])]
-    restored: dict[int, list[bytes]] = {id(r): [b""] * len(r[S.CROPS]) for r in todo}
-    bs = max(1, cfg.restore_batch_size)
-    for start in range(0, len(faces), bs):
-        chunk = faces[start : start + bs]
-        t0 = time.perf_counter()
-        out: list[np.ndarray | None]
-        try:
-            out = list(_restore_chunk(restorer, chunk, cfg))
-        except Exception:  # noqa: BLE001 - isolate the image that fails
-            out = [guarded(r, S.Status.RESTORE_ERROR, _restore_one, restorer, r, i, c, cfg) if _pending(r) else None
-                   for r, i, c in chunk]
-        per_face = (time.perf_counter() - t0) / len(chunk)
-        for (r, i, _), face in zip(chunk, out, strict=True):
-            if face is not None:
-                restored[id(r)][i] = face.tobytes()
-            _add_timing(r, "restore", per_face)
-    for r in todo:
-        if _pending(r):
-            r[S.RESTORED] = restored[id(r)]
-    return rows
-
-
-def _restore_one(restorer: FaceRestorer, row: Row, i: int, crop: bytes, cfg: PipelineConfig) -> np.ndarray:
-    return _restore_chunk(restorer, [(row, i, crop)], cfg)[0]
-
-
-def _restore_chunk(restorer: FaceRestorer, chunk: Sequence[tuple[Row, int, bytes]], cfg: PipelineConfig) -> np.ndarray:
-    batch = np.stack([np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3) for _, _, c in chunk])
-    keys = [face_key(r, i) for r, i, _ in chunk]
-    return restorer.restore(batch, keys, N=cfg.N, tau=cfg.tau)  # (B, 512, 512, 3) uint8
-
-
-# --------------------------------------------------------------------------------------------- 4. compose
-
-
-def compose_rows(rows: list[Row], cfg: PipelineConfig) -> list[Row]:
-    """Paste restored faces back and encode; set ``output`` and the final status on every row.
-
-    Rows that are not restored keep their input bytes as output (passed through with their status).
-    """
-    for row in rows:
-        if S.is_marker(row):
+    status = _column(table, S.STATUS)
+    crops_col = table.column(S.CROPS)
+    todo = [i for i, s in enumerate(status) if _pending(s) and crops_col[i].is_valid and len(crops_col[i]) > 0]
+    if not todo:
+        return table
+    error, timings = _column(table, S.ERROR), _timings(table)
+    keys, units = table.column(S.KEY), table.column(S.UNIT)
+    faces: list[tuple[int, int, bytes]] = [(i, j, c) for i in todo for j, c in enumerate(crops_col[i].as_py())]
+    face_keys = [face_key(units[i].as_py(), keys[i].as_py(), j) for i, j, _ in faces]
+    t0 = time.perf_counter()
+    out: list[np.ndarray | None]
+    try:
+        out = list(restorer.restore(_stack([c for _, _, c in faces]), face_keys, N=cfg.N, tau=cfg.tau))
+    except Exception:  # noqa: BLE001 - isolate the faces that fail
+        log.warning("restoring %d faces at once failed; retrying them one by one", len(faces), exc_info=True)
+        out = []
+        for (i, _, c), k in zip(faces, face_keys, strict=True):
+            one = guarded(status, error, i, S.Status.RESTORE_ERROR, _restore_one, restorer, c, k, cfg) \
+                if _pending(status[i]) else None
+            out.append(one)
+    per_face = (time.perf_counter() - t0) / len(faces)
+    restored: list[list[bytes] | None] = [None] * table.num_rows
+    for (i, j, _), face in zip(faces, out, strict=True):
+        timings[i]["restore"] += per_face
+        if face is None or not _pending(status[i]):
             continue
-        if _pending(row) and row[S.RESTORED]:
-            with _timed(row, "compose"):
-                out = guarded(row, S.Status.ENCODE_ERROR, _compose, row, cfg)
+        if restored[i] is None:
+            restored[i] = []
+        row = restored[i]
+        assert row is not None and len(row) == j  # faces of a row arrive in order
+        row.append(np.ascontiguousarray(face).tobytes())
+    return _replace(table, {S.STATUS: status, S.ERROR: error, S.TIMINGS: timings, S.RESTORED: restored})
+
+
+def _stack(crops: Sequence[bytes]) -> np.ndarray:
+    return np.stack([np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3) for c in crops])
+
+
+def _restore_one(restorer: FaceRestorer, crop: bytes, key: str, cfg: PipelineConfig) -> np.ndarray:
+    return restorer.restore(_stack([crop]), [key], N=cfg.N, tau=cfg.tau)[0]
+
+
+# --------------------------------------------------------------------------------------------- 4. compose + write
+
+
+def compose_block(table: pa.Table, cfg: PipelineConfig) -> tuple[list[str], list[str], list[bytes | None],
+                                                                 list[dict[str, float]]]:
+    """Paste restored faces back and encode, from the ``decoded`` column (no second decode).
+
+    Returns the final ``status``, ``error``, ``output`` (None: the input bytes pass through) and ``timings``
+    of every row. Rows never restored (no crops) end as ``no_face``.
+    """
+    status, error, timings = _column(table, S.STATUS), _column(table, S.ERROR), _timings(table)
+    output: list[bytes | None] = [None] * table.num_rows
+    restored = table.column(S.RESTORED)
+    index = table.column(S.INDEX).to_numpy()
+    for i in range(table.num_rows):
+        if index[i] == S.END_INDEX:
+            continue
+        if _pending(status[i]) and restored[i].is_valid:
+            t0 = time.perf_counter()
+            out = guarded(status, error, i, S.Status.ENCODE_ERROR, _compose_row, table, i, cfg)
             if out is not None:
-                row[S.OUTPUT], row[S.STATUS] = out, S.Status.OK.value
-        if row[S.STATUS] == S.Status.PENDING.value:  # never restored (e.g. no crops): pass through
-            row[S.STATUS] = S.Status.NO_FACE.value
-        if row[S.OUTPUT] is None:
-            row[S.OUTPUT] = row[S.IMAGE]
-        row[S.CROPS], row[S.RESTORED] = [], []  # large and no longer needed
-    return rows
+                output[i], status[i] = out, S.Status.OK.value
+            timings[i]["compose"] += time.perf_counter() - t0
+        if _pending(status[i]):  # never restored (e.g. no crops): pass through
+            status[i] = S.Status.NO_FACE.value
+    return status, error, output, timings
 
 
-def _compose(row: Row, cfg: PipelineConfig) -> bytes:
-    img = _decode(row, cfg)
-    affines = [FaceMeta.from_json_dict(m).affine_matrix() for m in json.loads(row[S.FACES])]
-    restored = [np.frombuffer(b, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3) for b in row[S.RESTORED]]
+def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> bytes:
+    from pipeline.decode import decoded_from_record, encode_image
+    from pipeline.faces import paste_faces
+
+    img = decoded_from_record(table.column(S.DECODED)[i].as_py(), table.column(S.IMAGE)[i].as_py())
+    affines = [np.array(f["affine"], np.float64).reshape(2, 3) for f in table.column(S.FACES)[i].as_py()]
+    restored = [np.frombuffer(b, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
+                for b in table.column(S.RESTORED)[i].as_py()]
     return encode_image(img, paste_faces(img.rgb, affines, restored), jpeg_quality=cfg.jpeg_quality)
 
 
-def sample_metadata(row: Row, cfg: PipelineConfig, model_info: dict[str, Any]) -> dict[str, Any]:
+def sample_metadata(*, key: str, status: str, error: str, image_member: str | None,
+                    faces: list[dict[str, Any]] | None, timings: dict[str, float] | None, cfg: PipelineConfig,
+                    model_info: dict[str, Any]) -> dict[str, Any]:
     """The ``dr2.json`` member of a sample. Deterministic unless ``record_timings`` is set."""
+    shown = status in (S.Status.OK.value, S.Status.RESTORE_ERROR.value, S.Status.ENCODE_ERROR.value)
     meta: dict[str, Any] = {
-        "key": row[S.KEY],
-        "status": row[S.STATUS],
-        "error": row[S.ERROR],
-        "image_member": row[S.IMAGE_MEMBER],
-        "faces": json.loads(row[S.FACES]) if row[S.STATUS] in (S.Status.OK.value, S.Status.RESTORE_ERROR.value,
-                                                                S.Status.ENCODE_ERROR.value) else [],
+        "key": key,
+        "status": status,
+        "error": error,
+        "image_member": image_member,
+        "faces": [face_json(f) for f in faces or []] if shown else [],
         "N": cfg.N,
         "tau": cfg.tau,
-        "omega": default_omega(cfg.N, cfg.tau) if cfg.omega is None else cfg.omega,
+        "omega": cfg.resolved_omega,
         "seed": cfg.seed,
         "restorer": cfg.restorer.value,
         "models": model_info,
     }
-    if cfg.record_timings:
-        meta["timings"] = json.loads(row[S.TIMINGS])
+    if cfg.record_timings and timings is not None:
+        meta["timings"] = {k: round(v, 6) for k, v in timings.items() if v}
     return meta
 
 
-SUMMARY_COLUMNS = (S.SHARD, S.SOURCE, S.INDEX, S.KEY, S.STATUS, S.ERROR, S.FACES, S.TIMINGS, S.SHARD_SIZE)
-SUMMARY_SCHEMA = pa.schema([S.ROW_SCHEMA.field(k) for k in SUMMARY_COLUMNS])
+def _runs(units: list[str], index: np.ndarray) -> list[tuple[str, int, list[int]]]:
+    """Row positions grouped by unit and split into runs of consecutive ``index``: (unit, first index, rows)."""
+    by_unit: dict[str, list[int]] = {}
+    for r, u in enumerate(units):
+        if index[r] != S.END_INDEX:
+            by_unit.setdefault(u, []).append(r)
+    out: list[tuple[str, int, list[int]]] = []
+    for unit in sorted(by_unit):
+        rows = sorted(by_unit[unit], key=lambda r: int(index[r]))
+        run: list[int] = []
+        for r in rows:
+            if run and index[r] == index[run[-1]]:
+                raise ValueError(f"{unit}: index {index[r]} appears twice in one block")
+            if run and index[r] != index[run[-1]] + 1:
+                out.append((unit, int(index[run[0]]), run))
+                run = []
+            run.append(r)
+        if run:
+            out.append((unit, int(index[run[0]]), run))
+    return out
 
 
-def summary(row: Row) -> Row:
-    """What reaches the driver: no image bytes."""
-    return {k: row[k] for k in SUMMARY_COLUMNS}
+def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
+                kind: UnitKind) -> pa.Table:
+    """Compose, then stage one part per run of consecutive indexes (normally one per block): a tar part for a
+    shard, or the images plus a manifest part for a chunk. Returns the summary rows the driver needs."""
+    status, error, output, timings = compose_block(table, cfg)
+    options = cfg.storage_options()
+    unit_names = _column(table, S.UNIT)
+    index = table.column(S.INDEX).to_numpy()
+    keys, members = _column(table, S.KEY), _column(table, S.IMAGE_MEMBER)
+    faces = _column(table, S.FACES)
+    summaries: list[dict[str, Any]] = []
+    for name, first, run in _runs(unit_names, index):
+        unit = Unit(name=name, kind=kind, source="")  # staging and output names need only kind and name
+        t0 = time.perf_counter()
+        metas = [sample_metadata(key=keys[r], status=status[r], error=error[r], image_member=members[r], faces=faces[r],
+                                 timings=timings[r], cfg=cfg, model_info=model_info) for r in run]
+        if unit.kind is UnitKind.SHARD:
+            data = encode_tar_part(_output_samples(table, run, output, metas))
+        else:
+            data = _write_images(unit, cfg.dst, table, run, output, metas, options)
+        shards.write_part(unit, cfg.dst, config_hash, first, len(run), data, options=options)
+        per_row = (time.perf_counter() - t0) / len(run)
+        seconds = S.empty_timings()
+        for r in run:
+            timings[r]["write"] += per_row
+            for k, v in timings[r].items():
+                seconds[k] += v
+        statuses = Counter(status[r] for r in run)
+        summaries.append({
+            S.UNIT: name, "first": first, "last": first + len(run) - 1, S.UNIT_SIZE: None, S.ERROR: "",
+            "statuses": sorted(statuses.items()),
+            "faces": sum(len(faces[r] or []) for r in run if status[r] == S.Status.OK.value),
+            "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds,
+        })
+    for end in np.flatnonzero(index == S.END_INDEX):
+        r = int(end)
+        summaries.append({S.UNIT: unit_names[r], "first": -1, "last": -1,
+                          S.UNIT_SIZE: table.column(S.UNIT_SIZE)[r].as_py(), S.ERROR: error[r], "statuses": [],
+                          "faces": 0, "faces_found": 0, "seconds": timings[r]})
+    return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
 
 
-METADATA_MEMBER = "dr2.json"
+def _output_samples(table: pa.Table, run: list[int], output: list[bytes | None],
+                    metas: list[dict[str, Any]]) -> list[Sample]:
+    """The output samples of finished rows: members in input order, byte for byte, the image member's slot
+    holding the output (else the input image), any earlier ``dr2.json`` replaced by this run's, appended last."""
+    names_col, data_col = table.column(S.MEMBER_NAMES), table.column(S.MEMBER_DATA)
+    image_col, member_col, key_col = table.column(S.IMAGE), table.column(S.IMAGE_MEMBER), table.column(S.KEY)
+    samples = []
+    for r, meta in zip(run, metas, strict=True):
+        names = names_col[r].as_py() or []
+        datas = data_col[r].as_py() or []
+        image_member = member_col[r].as_py()
+        members: list[tuple[str, bytes]] = []
+        for name, data in zip(names, datas, strict=True):
+            if name == METADATA_MEMBER:  # a reprocessed output: this run's metadata replaces it
+                continue
+            if image_member and name == image_member:
+                data = output[r] if output[r] is not None else image_col[r].as_py()
+            members.append((name, data))
+        if image_member and image_member not in names:
+            image: Any = output[r] if output[r] is not None else image_col[r].as_py()
+            members.insert(0, (str(image_member), bytes(image)))
+        members.append((METADATA_MEMBER, json.dumps(meta, sort_keys=True, indent=1).encode()))
+        samples.append(Sample(key=key_col[r].as_py(), members=members))
+    return samples
 
 
-def compose_and_write(rows: list[Row], cfg: PipelineConfig, model_info: dict[str, Any], images_mode: bool) -> list[Row]:
-    """Compose, then stage this batch's samples as parts (shards) or write the image files (plain images);
-    return summary rows."""
-    compose_rows(rows, cfg)
-    samples = [r for r in rows if not S.is_marker(r)]
-    if images_mode:
-        # manifest lines: the sample's dr2.json fields plus where it sits (shard, index)
-        write_image_outputs(cfg.dst, [{S.SHARD: r[S.SHARD], S.INDEX: r[S.INDEX], S.OUTPUT: r[S.OUTPUT],
-                                       **sample_metadata(r, cfg, model_info)} for r in samples])
-    else:
-        for r in samples:
-            meta = json.dumps(sample_metadata(r, cfg, model_info), sort_keys=True, indent=1).encode()
-            keep = [i for i, n in enumerate(r[S.EXTRA_NAMES]) if n != METADATA_MEMBER]  # reprocessed outputs
-            r[S.EXTRA_NAMES] = [r[S.EXTRA_NAMES][i] for i in keep] + [METADATA_MEMBER]
-            r[S.EXTRA_DATA] = [r[S.EXTRA_DATA][i] for i in keep] + [meta]
-        write_shard_rows(cfg.dst, samples)
-    return [summary(r) for r in rows]
+def _write_images(unit: Unit, dst: str, table: pa.Table, run: list[int], output: list[bytes | None],
+                  metas: list[dict[str, Any]], options: storage.StorageOptions) -> bytes:
+    """Write each image of a chunk's run to ``DST/<relative path>`` (atomic, idempotent); return the run's manifest
+    lines (the sample's ``dr2.json`` fields plus where it sits), to be staged AFTER the images, so that a
+    committed manifest only names written files."""
+    image_col = table.column(S.IMAGE)
+    index = table.column(S.INDEX)
+    lines = []
+    for r, meta in zip(run, metas, strict=True):
+        data = output[r] if output[r] is not None else image_col[r].as_py()
+        if data is not None:
+            storage.write_bytes_atomic(storage.join(dst, meta["key"]), data, options=options)
+        line = {**meta, S.UNIT: unit.name, S.INDEX: index[r].as_py()}
+        lines.append(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
+    return "".join(lines).encode()
 
 
 # --------------------------------------------------------------------------------------------- Ray classes
@@ -343,27 +546,35 @@ class DetectStage:
     """Actor: holds the MTCNN detector."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
+        from pipeline.models import build_detector, pick_device
+
         self.cfg = cfg
         self.detector = build_detector(cfg, pick_device(cfg.device))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        import torch
+
         with torch.inference_mode():
-            return to_table(detect_rows(to_rows(batch), self.detector, self.cfg))
+            yield from detect_block(batch, self.detector, self.cfg)
 
 
 class RestoreStage:
     """Actor: holds the face restorer (DR2 + enhancer on a GPU in production)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
+        from pipeline.models import pick_device, restorer_from_config
+
         self.cfg = cfg
-        self.restorer = build_restorer(cfg, pick_device(cfg.device))
+        self.restorer = restorer_from_config(cfg, pick_device(cfg.device))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         with torch.inference_mode():
-            return to_table(restore_rows(to_rows(batch), self.restorer, self.cfg))
+            return restore_block(batch, self.restorer, self.cfg)
 
 
-def compose_and_write_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any],
-                            images_mode: bool) -> pa.Table:
-    rows = compose_and_write(to_rows(batch), cfg, model_info, images_mode)
-    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+def write_block_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
+                      kind: str) -> pa.Table:
+    """Ray adapter for :func:`write_block` (task)."""
+    return write_block(batch, cfg, model_info, config_hash, UnitKind(kind))

@@ -24,20 +24,16 @@ pipeline handles a URI as a string and never branches on where it lives.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import glob
 import hashlib
 import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,13 +43,10 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from dr2.weights import sha256_file
-
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 S3_SCHEME = "s3://"
-_GLOB_CHARS = re.compile(r"[*?\[]")
 T = TypeVar("T")
 
 
@@ -237,19 +230,56 @@ def _s3_call(uri: str, op: str, fn: Callable[[], T], options: StorageOptions | N
 # --- listing ---------------------------------------------------------------------------------------
 
 
-def _iter_s3_keys(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[tuple[str, int]]:
-    """(key, size) of every object under ``prefix``, following continuation tokens page by page."""
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its URI, size in bytes and a version stamp (S3 ETag, or local mtime in ns)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def _iter_s3_objects(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[dict[str, Any]]:
+    """Every object under ``prefix`` as boto3 returns it, following continuation tokens page by page."""
     opts = options or DEFAULT_OPTIONS
     client = s3_client(opts)
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": opts.list_page_size}
     uri = f"{S3_SCHEME}{bucket}/{prefix}"
     while True:
         page = _s3_call(uri, "list", lambda: client.list_objects_v2(**kwargs), opts)
-        for obj in page.get("Contents", []):
-            yield obj["Key"], int(obj["Size"])
+        yield from page.get("Contents", [])
         if not page.get("IsTruncated"):
             return
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def iter_s3_keys(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object under ``prefix``."""
+    for obj in _iter_s3_objects(bucket, prefix, options):
+        yield obj["Key"], int(obj["Size"])
+
+
+def list_objects(uri: str, *, options: StorageOptions | None = None) -> list[ObjectInfo]:
+    """Like :func:`list_prefix`, with each object's size and version stamp, from ONE paged listing on S3.
+
+    This is how a driver learns the state of thousands of objects (markers, inputs) without one request
+    per object. Local version stamps are ``mtime_ns``; S3's are ETags.
+    """
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        return sorted(
+            (ObjectInfo(f"{S3_SCHEME}{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")).strip('"'))
+             for o in _iter_s3_objects(bucket, prefix, options)),
+            key=lambda o: o.uri,
+        )
+    out = []
+    for f in list_prefix(uri, options=options):
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:  # removed while listing
+            continue
+        out.append(ObjectInfo(f, st.st_size, str(st.st_mtime_ns)))
+    return out
 
 
 def list_prefix(uri: str, *, options: StorageOptions | None = None) -> list[str]:
@@ -260,7 +290,7 @@ def list_prefix(uri: str, *, options: StorageOptions | None = None) -> list[str]
     """
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
-        return sorted(f"{S3_SCHEME}{bucket}/{k}" for k, _ in _iter_s3_keys(bucket, prefix, options))
+        return sorted(f"{S3_SCHEME}{bucket}/{k}" for k, _ in iter_s3_keys(bucket, prefix, options))
     path = local_path(uri)
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*") if p.is_file())
@@ -276,159 +306,6 @@ def list_prefix(uri: str, *, options: StorageOptions | None = None) -> list[str]
         elif p.is_dir():
             out.extend(str(q) for q in p.rglob("*") if q.is_file())
     return sorted(out)
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``{000..009}`` (zero-padded ranges) and ``{a,b}``, nested, left to right."""
-    depth, start = 0, -1
-    for i, c in enumerate(pattern):
-        if c == "{":
-            if depth == 0:
-                start = i
-            depth += 1
-        elif c == "}" and depth > 0:
-            depth -= 1
-            if depth == 0:
-                head, body, tail = pattern[:start], pattern[start + 1 : i], pattern[i + 1 :]
-                return [head + alt + rest for alt in _brace_alternatives(body) for rest in expand_braces(tail)]
-    return [pattern]
-
-
-def _brace_alternatives(body: str) -> list[str]:
-    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if m:
-        a, b = m.group(1), m.group(2)
-        width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        return [str(n).zfill(width) for n in range(lo, hi + step, step)]
-    parts, depth, cur = [], 0, ""
-    for c in body:
-        if c == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        depth += (c == "{") - (c == "}")
-        cur += c
-    parts.append(cur)
-    if len(parts) == 1:  # "{x}" is literal in the shell; keep it literal
-        return ["{" + body + "}"]
-    return [x for p in parts for x in expand_braces(p)]
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob -> regex over S3 keys: ``*``/``?`` stop at ``/``, ``**`` crosses it, ``[...]`` as in fnmatch."""
-    out, i = "", 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-        elif pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-        elif c == "*":
-            out += "[^/]*"
-            i += 1
-        elif c == "?":
-            out += "[^/]"
-            i += 1
-        elif c == "[":
-            j = pattern.find("]", i + 2)
-            if j < 0:
-                out += re.escape(c)
-                i += 1
-            else:
-                body = pattern[i + 1 : j]
-                out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
-                i = j + 1
-        else:
-            out += re.escape(c)
-            i += 1
-    return re.compile(out + r"\Z")
-
-
-def _expand_one(uri: str, suffixes: tuple[str, ...], options: StorageOptions | None) -> list[str]:
-    def keep(name: str) -> bool:
-        return name.lower().endswith(suffixes)
-
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        m = _GLOB_CHARS.search(key)
-        if m:
-            literal = key[: m.start()]
-            rx = _glob_regex(key)
-            return [
-                f"{S3_SCHEME}{bucket}/{k}"
-                for k, _ in _iter_s3_keys(bucket, literal, options)
-                if rx.match(k) and keep(k)
-            ]
-        if keep(key) and exists(uri, options=options):
-            return [uri]
-        prefix = key if (key == "" or key.endswith("/")) else key + "/"
-        found = [f"{S3_SCHEME}{bucket}/{k}" for k, _ in _iter_s3_keys(bucket, prefix, options) if keep(k)]
-        if not found and keep(key):
-            raise FileNotFoundError(f"no such object: {uri}")
-        return found
-    path = uri.removeprefix("file://")
-    if _GLOB_CHARS.search(path):
-        return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
-    p = Path(path)
-    if p.is_dir():
-        return [os.path.abspath(q) for q in p.rglob("*") if q.is_file() and keep(q.name)]
-    if p.is_file():
-        return [os.path.abspath(p)]
-    raise FileNotFoundError(f"no such file or directory: {uri}")
-
-
-def expand_sources(
-    spec: str | Sequence[str], *, suffixes: Sequence[str] = (".tar",), options: StorageOptions | None = None
-) -> list[str]:
-    """Input shards named by ``spec`` -> sorted, de-duplicated URIs of files ending in ``suffixes``.
-
-    ``spec`` is one pattern or a list of them. Each pattern is brace-expanded first
-    (``shards-{000..009}.tar``, ``{train,val}/``), then each result is:
-
-    * a file or object: taken as is (a named file that does not exist raises ``FileNotFoundError``);
-    * a directory or an S3 prefix: every matching file below it, recursively (S3 listing is paginated);
-    * a glob (``*``, ``?``, ``[..]``, ``**``): matched against local paths or S3 keys
-      (``*`` does not cross ``/``; ``**`` does).
-
-    Local results are absolute paths; S3 results are ``s3://bucket/key``.
-    """
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    sfx = tuple(s.lower() for s in suffixes)
-    found: set[str] = set()
-    for pattern in patterns:
-        for uri in expand_braces(pattern):
-            found.update(_expand_one(uri, sfx, options))
-    return sorted(found)
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".jp2", ".ppm", ".pgm", ".pbm")
-INTERNAL_DIRS = ("_dr2", "_dr2_staging")
-"""Directories the pipeline writes next to its outputs; never listed as inputs."""
-
-
-def list_images(
-    root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
-) -> list[str]:
-    """Relative POSIX paths of the images under a local folder or S3 prefix (recursive, sorted).
-
-    Suffixes match case-insensitively. The pipeline's own ``_dr2*`` directories are skipped.
-    """
-    sfx = tuple(s.lower() for s in suffixes)
-    root = root_uri.rstrip("/")
-    if is_s3(root_uri):
-        bucket, prefix = split_s3(root + "/")
-        prefix = "" if prefix == "/" else prefix
-        rels = [k[len(prefix) :] for k, _ in _iter_s3_keys(bucket, prefix, options)]
-    else:
-        base = local_path(root_uri)
-        if not base.is_dir():
-            raise FileNotFoundError(f"no such directory: {root_uri}")
-        rels = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
-    return sorted(r for r in rels if r.lower().endswith(sfx) and r.split("/", 1)[0] not in INTERNAL_DIRS)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -540,6 +417,15 @@ def read_bytes(uri: str, *, options: StorageOptions | None = None) -> bytes:
         client = s3_client(options)
         return _s3_call(uri, "read", lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), options)
     return local_path(uri).read_bytes()
+
+
+def sha256_of(uri: str, *, options: StorageOptions | None = None) -> str:
+    """sha256 of an object's bytes, streamed."""
+    h = hashlib.sha256()
+    with open_read(uri, options=options) as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def exists(uri: str, *, options: StorageOptions | None = None) -> bool:
@@ -756,89 +642,6 @@ def write_bytes_atomic(uri: str, data: bytes, *, options: StorageOptions | None 
 def write_json_atomic(uri: str, obj: Any, *, options: StorageOptions | None = None) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), options=options)
-
-
-# --- model directories -----------------------------------------------------------------------------
-
-MODEL_FILES = ("config.json", "model.safetensors")
-SHA256_KEY = "sha256"
-
-
-def _download(uri: str, dest: Path, options: StorageOptions | None) -> str:
-    """Stream ``uri`` to a temp file beside ``dest``, rename it onto ``dest``; returns the sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    h = hashlib.sha256()
-    try:
-        with open_read(uri, options=options) as src, open(tmp, "wb") as out:
-            while chunk := src.read(8 * MiB):
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return h.hexdigest()
-
-
-def localize_model_dir(uri: str, cache_root: str | Path, *, options: StorageOptions | None = None) -> Path:
-    """A local directory holding the model at ``uri`` (``config.json`` + ``model.safetensors``).
-
-    A local directory is returned as is. For ``s3://``, both files are downloaded into
-    ``cache_root/<sha256(uri)[:16]>/`` and ``model.safetensors`` is checked against the sha256 that
-    ``config.json`` records under ``"sha256"``. A cached copy whose hash matches is reused; a
-    mismatch is downloaded once more, and a second mismatch raises :class:`StorageError` (the weights
-    or the recorded hash are wrong). Safe with several processes on one node: a file lock serialises
-    them and every file lands by download-to-temp + rename.
-    """
-    if not is_s3(uri):
-        path = local_path(uri)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {uri}")
-        return path
-    cache_dir = Path(cache_root) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "wb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _localize_locked(uri.rstrip("/"), cache_dir, options)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _localize_locked(uri: str, cache_dir: Path, options: StorageOptions | None) -> Path:
-    config_path = cache_dir / MODEL_FILES[0]
-    weights_path = cache_dir / MODEL_FILES[1]
-    _download(join(uri, MODEL_FILES[0]), config_path, options)  # small: always refresh
-    try:
-        expected = json.loads(config_path.read_text())[SHA256_KEY]
-    except (KeyError, ValueError, TypeError) as e:
-        raise StorageError(f"{uri}/config.json records no {SHA256_KEY!r} of {MODEL_FILES[1]}: cannot verify") from e
-    stamp = cache_dir / f".{MODEL_FILES[1]}.verified"
-    if weights_path.is_file() and stamp.is_file():
-        st = weights_path.stat()
-        if stamp.read_text() == f"{expected} {st.st_size} {st.st_mtime_ns}":
-            return cache_dir
-    actual = sha256_file(weights_path) if weights_path.is_file() else None
-    for attempt in range(2):
-        if actual == expected:
-            st = weights_path.stat()
-            stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
-            return cache_dir
-        if actual is not None:
-            log.warning(
-                "%s: sha256 %s != recorded %s (attempt %d); downloading", weights_path, actual, expected, attempt
-            )
-        actual = _download(join(uri, MODEL_FILES[1]), weights_path, options)
-    if actual == expected:
-        st = weights_path.stat()
-        stamp.write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
-        return cache_dir
-    raise StorageError(
-        f"{uri}/{MODEL_FILES[1]} has sha256 {actual} but config.json records {expected}, after re-downloading: "
-        "the uploaded weights or the recorded hash are wrong; re-upload the model directory"
-    )
 
 
 def remove_tree(uri: str, *, options: StorageOptions | None = None) -> None:

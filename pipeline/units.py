@@ -1,0 +1,90 @@
+"""The unit of work, stats and resume: an input shard, or a chunk of plain images (STYLE rule 8).
+
+A :class:`Unit` knows everything about where its data lives, so no other module builds these names:
+
+* ``output_uri``: the final object (``DST/<shard name>``, or the chunk's JSONL manifest under
+  ``DST/_dr2/manifests/``);
+* ``marker_uri``: the ``.stats.json`` written LAST, the commit marker a rerun checks;
+* ``staging_uri``: where its parts wait for the commit, ``DST/_dr2_staging/<id>-<config hash>/``. The id is
+  flat (a readable slug plus a hash of the unit's kind and name), so two units never share or nest a staging
+  tree (``a.tar`` and ``a/b.tar`` stage apart), and the config hash keeps parts of runs with different
+  configs apart;
+* ``trailer``: how the parts are closed when assembled (the tar end-of-archive blocks, or nothing for JSONL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pipeline import storage
+
+STAGING_DIR = "_dr2_staging"
+MANIFEST_DIR = "_dr2/manifests"
+MARKER_SUFFIX = ".stats.json"
+CHUNK_PREFIX = "chunk-"
+
+
+class UnitKind(StrEnum):
+    SHARD = "shard"  # one input .tar -> one output .tar of the same name
+    IMAGES = "images"  # a chunk of plain images -> the images at their relative paths + a JSONL manifest
+
+
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work. ``name`` is the shard's path relative to the source root (``train/000.tar``), or the
+    chunk's name (``chunk-000003``); ``source`` the shard URI, or the image root; ``images`` (chunks only)
+    the relative paths of its images, in output order."""
+
+    name: str
+    kind: UnitKind
+    source: str
+    images: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        """A flat, unique, filesystem- and S3-safe name: never contains ``/``, never a prefix of another id."""
+        digest = hashlib.sha256(f"{self.kind.value}:{self.name}".encode()).hexdigest()[:16]
+        slug = _SLUG.sub("_", self.name)[-48:].strip("._") or "unit"
+        return f"{slug}.{digest}"
+
+    @property
+    def stem(self) -> str:
+        return self.name.removesuffix(".tar")
+
+    @property
+    def trailer(self) -> Literal["tar", "none"]:
+        return "tar" if self.kind is UnitKind.SHARD else "none"
+
+    def output_uri(self, dst: str) -> str:
+        if self.kind is UnitKind.SHARD:
+            return storage.join(dst, self.name)
+        return storage.join(dst, MANIFEST_DIR, self.name + ".jsonl")
+
+    def marker_uri(self, dst: str) -> str:
+        if self.kind is UnitKind.SHARD:
+            return storage.join(dst, self.stem + MARKER_SUFFIX)
+        return storage.join(dst, MANIFEST_DIR, self.name + MARKER_SUFFIX)
+
+    def staging_uri(self, dst: str, config_hash: str) -> str:
+        """The unit's staging folder for one config, with a trailing ``/`` (so listing it matches nothing else)."""
+        return storage.join(dst, STAGING_DIR, f"{self.id}-{config_hash[:16]}") + "/"
+
+    def to_item(self) -> dict[str, Any]:
+        """A plain dict for Ray's ``from_items`` (one row per unit)."""
+        return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images)}
+
+    @staticmethod
+    def from_item(item: dict[str, Any]) -> Unit:
+        return Unit(name=str(item["name"]), kind=UnitKind(item["kind"]), source=str(item["source"]),
+                    images=tuple(str(x) for x in (item.get("images") or ())))
+
+
+def chunk_name(n: int) -> str:
+    return f"{CHUNK_PREFIX}{n:06d}"
