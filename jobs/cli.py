@@ -5,6 +5,7 @@
     dr2 restore-faces IN OUT      restore a folder of aligned faces, as the official demo does, batched
     dr2 weights import FILE       convert an official checkpoint to model.safetensors + config.json
     dr2 verify-fixtures DIR       check this install reproduces the official DR2 numbers
+    dr2 submit -- restore ...     run restore (or nightly) on a Ray cluster through Ray Jobs
 
 Run ``dr2 COMMAND --help`` for each command's options. The options of ``restore`` are generated from
 ``pipeline.config.PipelineConfig``.
@@ -97,6 +98,12 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     v = sub.add_parser("verify-fixtures", help="check this install against the official DR2 golden fixtures")
     v.add_argument("dir", type=Path, nargs="?", default=None,
                    help="fixture folder (default: the copy shipped in tests/fixtures/dr2_reference)")
+
+    from jobs import submit as submit_mod  # stdlib-only at import; Ray is imported when a job is submitted
+
+    js = sub.add_parser("submit", help="run restore or nightly on a Ray cluster (Ray Jobs)",
+                        description=submit_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    submit_mod.add_submit_args(js)
     return p
 
 
@@ -185,8 +192,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if results and all(r.passed for r in results) else 1
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import cmd_submit as submit_job
+
+    return submit_job(args)
+
+
 COMMANDS = {"restore": cmd_restore, "demo": cmd_demo, "restore-faces": cmd_restore_faces, "weights": cmd_weights,
             "verify-fixtures": cmd_verify}
+COMMANDS["submit"] = cmd_submit  # jobs/submit.py
 
 
 def main(argv: list[str] | None = None) -> int:
