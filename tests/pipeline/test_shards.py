@@ -1,9 +1,8 @@
-"""pipeline/shards.py: WebDataset tars read and written through the real webdataset library, staging,
-commit and resume, on the local filesystem and a real S3 server."""
+"""pipeline/shards.py and pipeline/units.py: staging, commit and resume for any unit, on the local filesystem and
+a real S3 server; outputs read back with the real webdataset library."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -13,8 +12,12 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline import schema, shards, storage
-from pipeline.shards import Sample, ShardCommitError, ShardReadError
+from pipeline import shards, storage
+from pipeline import wds as codec
+from pipeline.config import config_hash
+from pipeline.shards import ShardCommitError
+from pipeline.units import STAGING_DIR, Unit, UnitKind, chunk_name
+from pipeline.wds import Sample
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -25,29 +28,16 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _samples(n: int, seed: int = 0) -> list[Sample]:
-    """n samples with an image, a JSON and sometimes a second image-like member, random bytes."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         members = [("jpg", rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes())]
         members.append(("json", json.dumps({"i": i, "caption": "ünïcode"}).encode()))
-        if i % 3 == 0:
-            members.append(("seg.png", rng.integers(0, 256, 700, dtype=np.uint8).tobytes()))
         out.append(Sample(key=f"dir.v1/{i:06d}", members=members))
     return out
 
 
-def _wds_tar(samples: list[Sample]) -> bytes:
-    """A shard written by webdataset's own TarWriter."""
-    buf = io.BytesIO()
-    with wds.TarWriter(buf) as w:
-        for s in samples:
-            w.write({"__key__": s.key, **dict(s.members)})
-    return buf.getvalue()
-
-
 def _read_with_wds(uri: str) -> list[dict[str, bytes]]:
-    """Read a shard back with the webdataset library (WebDataset for files, its tar iterator for S3)."""
     if storage.is_s3(uri):
         with storage.open_read(uri) as f:
             return list(group_by_keys(tar_file_expander([{"url": uri, "stream": f}])))
@@ -62,96 +52,83 @@ def _strip(d: dict) -> dict:
     return {k: v for k, v in d.items() if k == "__key__" or not k.startswith("__")}
 
 
-def test_split_member_name_and_pick_image() -> None:
-    assert shards.split_member_name("a/b.c/k1.seg.png") == ("a/b.c/k1", "seg.png")
-    assert shards.split_member_name("k.jpg") == ("k", "jpg")
-    assert shards.split_member_name("noext") is None
-    assert shards.split_member_name("d/.hidden") is None
-    assert shards.pick_image_member([("json", b""), ("seg.png", b""), ("jpg", b"")]) == "jpg"
-    assert shards.pick_image_member(["json", "left.PNG"]) == "left.PNG"
-    assert shards.pick_image_member(["json", "txt"]) is None
+def shard(name: str) -> Unit:
+    return Unit(name=name, kind=UnitKind.SHARD, source="")
 
 
-def test_iter_tar_samples_reads_wds_shards(root: str) -> None:
-    samples = _samples(7)
-    uri = storage.join(root, "in/shard-000.tar")
-    storage.write_bytes_atomic(uri, _wds_tar(samples))
-    assert list(shards.iter_tar_samples(uri)) == samples
+def stage(unit: Unit, dst: str, cfg: str, first: int, samples: list[Sample], **kw: object) -> None:
+    shards.write_part(unit, dst, cfg, first, len(samples), codec.encode_tar_part(samples), **kw)  # type: ignore[arg-type]
 
 
-def test_truncated_tar_yields_samples_before_the_cut(root: str) -> None:
-    samples = _samples(6)
-    data = _wds_tar(samples)
-    offsets = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data)) if m.name.startswith("dir.v1/000004.")]
-    # Cut inside the data of sample 4's second member: samples 0..3 are whole, sample 4 is partial.
-    cut_uri = storage.join(root, "cut-in-data.tar")
-    storage.write_bytes_atomic(cut_uri, data[: offsets[1] + 512 + 10])
-    got: list[Sample] = []
-    with pytest.raises(ShardReadError, match="after 4 complete samples") as info:
-        for s in shards.iter_tar_samples(cut_uri):
-            got.append(s)
-    assert got == samples[:4]
-    assert info.value.samples_read == 4
-    assert info.value.partial is not None and info.value.partial.members == samples[4].members[:1]
-
-    # Cut exactly at a member boundary: tarfile sees a clean end, the missing end marker tells.
-    boundary_uri = storage.join(root, "cut-at-boundary.tar")
-    storage.write_bytes_atomic(boundary_uri, data[: offsets[0]])
-    got = []
-    with pytest.raises(ShardReadError, match="no end-of-archive marker"):
-        for s in shards.iter_tar_samples(boundary_uri):
-            got.append(s)
-    assert got == samples[:3]
-    assert list(shards.iter_tar_samples(boundary_uri, require_end_marker=False)) == samples[:4]
-
-    garbage = storage.join(root, "garbage.tar")
-    storage.write_bytes_atomic(garbage, b"not a tar at all" * 100)
-    with pytest.raises(ShardReadError):
-        list(shards.iter_tar_samples(garbage))
-
-
-def test_encode_tar_part_is_deterministic_and_concatenates() -> None:
-    samples = _samples(5)
-    a, b = shards.encode_tar_part(samples[:2]), shards.encode_tar_part(samples[2:])
-    assert a == shards.encode_tar_part(samples[:2])
-    assert len(a) % 512 == 0 and not a.endswith(b"\0" * 1024)
-    whole = a + b + shards.END_OF_ARCHIVE
-    members = list(tarfile.open(fileobj=io.BytesIO(whole)))
-    assert [m.name for m in members] == [f"{s.key}.{sfx}" for s in samples for sfx, _ in s.members]
-    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o444)}
-    assert [_strip(d) for d in group_by_keys(tar_file_expander([{"url": "x", "stream": io.BytesIO(whole)}]))] == (
-        _as_dicts(samples)
-    )
+def state(unit: Unit, dst: str, cfg: str, **kw: object) -> str:
+    return shards.unit_states([unit], dst, cfg, **kw)[unit.name]  # type: ignore[arg-type]
 
 
 def test_commit_shard_exactly_once(root: str) -> None:
     dst = storage.join(root, "out")
     samples = _samples(10)
-    name = "sub/shard-000.tar"
-    cfg = shards.config_hash({"steps": 10, "model": "x"})
-    assert shards.shard_state(dst, name, cfg) == "todo"
+    unit = shard("sub/shard-000.tar")
+    cfg = config_hash({"steps": 10, "model": "x"})
+    assert state(unit, dst, cfg) == "todo"
 
     # Parts arrive out of order; a retry rewrites 3-5 identically; another retry split 6-9 as 6-7 + 8-9,
     # overlapping the original 6-9 (all bytes are deterministic, any exact cover is the same shard).
     for first, last in [(6, 9), (3, 5), (0, 2), (3, 5), (6, 7), (8, 9)]:
-        shards.write_shard_part(dst, name, first, samples[first : last + 1])
+        stage(unit, dst, cfg, first, samples[first : last + 1])
     with pytest.raises(ShardCommitError, match="missing 10-11"):
-        shards.commit_shard(dst, name, 12, {"ok": 10}, config_hash=cfg)
-    assert not storage.exists(storage.join(dst, name)) and shards.shard_state(dst, name, cfg) == "todo"
+        shards.commit(unit, dst, cfg, 12, {"ok": 10})
+    assert not storage.exists(storage.join(dst, unit.name)) and state(unit, dst, cfg) == "todo"
 
-    marker = shards.commit_shard(dst, name, 10, {"ok": 10}, config_hash=cfg)
-    out_uri = storage.join(dst, name)
+    marker = shards.commit(unit, dst, cfg, 10, {"ok": 10})
+    out_uri = storage.join(dst, unit.name)
     assert [_strip(d) for d in _read_with_wds(out_uri)] == _as_dicts(samples)
-    assert list(shards.iter_tar_samples(out_uri)) == samples
+    assert list(codec.iter_tar_samples(out_uri)) == samples
     data = storage.read_bytes(out_uri)
     assert len(data) % tarfile.RECORDSIZE == 0
     assert marker["count"] == 10 and marker["bytes"] == len(data) and marker["ok"] == 10
     assert json.loads(storage.read_bytes(storage.join(dst, "sub/shard-000.stats.json"))) == marker
-    assert storage.list_prefix(storage.join(dst, shards.STAGING_DIR) + "/") == []
-    assert shards.shard_state(dst, name, cfg) == "done"
-    assert shards.shard_state(dst, name, shards.config_hash({"steps": 20, "model": "x"})) == "conflict"
+    assert storage.list_prefix(storage.join(dst, STAGING_DIR) + "/") == []
+    assert state(unit, dst, cfg) == "done"
+    assert state(unit, dst, config_hash({"steps": 20, "model": "x"})) == "conflict"
     # The same samples give the same bytes, wherever they are committed.
-    assert data == shards.encode_tar_part(samples) + shards._tar_trailer(len(shards.encode_tar_part(samples)))
+    assert data == codec.encode_tar_part(samples) + codec.tar_trailer(len(codec.encode_tar_part(samples)))
+
+
+def test_a_damaged_output_is_redone(root: str) -> None:
+    dst = storage.join(root, "out")
+    unit, cfg = shard("s.tar"), "h" * 64
+    stage(unit, dst, cfg, 0, _samples(3))
+    shards.commit(unit, dst, cfg, 3, {})
+    assert state(unit, dst, cfg) == "done" and state(unit, dst, cfg, verify=True) == "done"
+    data = storage.read_bytes(unit.output_uri(dst))
+    storage.write_bytes_atomic(unit.output_uri(dst), data[:-1024])  # truncated after its commit
+    assert state(unit, dst, cfg) == "todo"
+    storage.write_bytes_atomic(unit.output_uri(dst), data[:-1] + b"x")  # same size, other bytes
+    assert state(unit, dst, cfg) == "done" and state(unit, dst, cfg, verify=True) == "todo"
+    storage.delete(unit.output_uri(dst))
+    assert state(unit, dst, cfg) == "todo"
+
+
+def test_units_never_share_staging(tmp_path: Path) -> None:
+    """``a.tar`` and ``a/b.tar`` (and two configs of one unit) stage apart: one commit never takes or deletes
+    another's parts."""
+    dst = str(tmp_path / "out")
+    a, ab = shard("a.tar"), shard("a/b.tar")
+    sa, sab = _samples(2, seed=1), _samples(3, seed=2)
+    stage(a, dst, "c1", 0, sa)
+    stage(ab, dst, "c1", 0, sab)
+    stage(a, dst, "c2", 0, _samples(2, seed=3))
+    for u in (a, ab):
+        for other in (a, ab):
+            if u != other:
+                assert not u.staging_uri(dst, "c1").startswith(other.staging_uri(dst, "c1"))
+    assert a.staging_uri(dst, "c1") != a.staging_uri(dst, "c2")
+    shards.commit(a, dst, "c1", 2, {})
+    assert list(codec.iter_tar_samples(a.output_uri(dst))) == sa
+    assert len(storage.list_prefix(ab.staging_uri(dst, "c1"))) == 1  # untouched
+    assert len(storage.list_prefix(a.staging_uri(dst, "c2"))) == 1
+    shards.commit(ab, dst, "c1", 3, {})
+    assert list(codec.iter_tar_samples(ab.output_uri(dst))) == sab
 
 
 def test_commit_large_shard_streams_multipart(s3_bucket: str) -> None:
@@ -159,83 +136,56 @@ def test_commit_large_shard_streams_multipart(s3_bucket: str) -> None:
     opts = storage.StorageOptions(part_size=5 * storage.MiB)
     rng = np.random.default_rng(1)
     samples = [Sample(key=f"{i:04d}", members=[("jpg", rng.bytes(700_000))]) for i in range(16)]  # ~11 MB
+    unit = shard("big.tar")
     for first in range(0, 16, 4):
-        shards.write_shard_part(dst, "big.tar", first, samples[first : first + 4], options=opts)
-    shards.commit_shard(dst, "big.tar", 16, {}, config_hash="h", options=opts)
-    assert list(shards.iter_tar_samples(f"{dst}/big.tar")) == samples
-
-
-def test_write_shard_rows_groups_runs(tmp_path: Path) -> None:
-    dst = str(tmp_path / "out")
-    rows = [
-        {
-            schema.KEY: f"k{i}",
-            schema.SHARD: shard,
-            schema.INDEX: i,
-            schema.IMAGE_MEMBER: "jpg",
-            schema.IMAGE: b"in",
-            schema.OUTPUT: f"out{i}".encode(),
-            schema.EXTRA_NAMES: ["json"],
-            schema.EXTRA_DATA: [b"{}"],
-        }
-        for shard, idx in [("a.tar", [2, 0, 1, 5]), ("b.tar", [0])]
-        for i in idx
-    ]
-    parts = shards.write_shard_rows(dst, rows)
-    assert [(p.unit, p.first, p.last) for p in parts] == [("a.tar", 0, 2), ("a.tar", 5, 5), ("b.tar", 0, 0)]
-    got = list(shards.iter_tar_samples(parts[0].uri, require_end_marker=False))
-    assert got == [Sample(key=f"k{i}", members=[("jpg", f"out{i}".encode()), ("json", b"{}")]) for i in range(3)]
-    no_image = {schema.KEY: "n", schema.IMAGE_MEMBER: None, schema.EXTRA_NAMES: ["txt"], schema.EXTRA_DATA: [b"t"]}
-    assert shards.sample_from_row(no_image) == Sample(key="n", members=[("txt", b"t")])
+        stage(unit, dst, "h", first, samples[first : first + 4], options=opts)
+    shards.commit(unit, dst, "h", 16, {}, options=opts)
+    assert list(codec.iter_tar_samples(f"{dst}/big.tar")) == samples
 
 
 def test_config_hash_is_canonical() -> None:
-    assert shards.config_hash({"a": 1, "b": [1, 2]}) == shards.config_hash({"b": [1, 2], "a": 1})
-    assert shards.config_hash({"a": 1}) != shards.config_hash({"a": 2})
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
 
 
 def test_plain_images_chunks(root: str) -> None:
     dst = storage.join(root, "restored")
-    cfg = shards.config_hash({"mode": "images"})
-    chunk = shards.chunk_name(3)
-    rows = [
-        {
-            schema.KEY: f"album/{i}.jpg",
-            schema.SHARD: chunk,
-            schema.INDEX: i,
-            schema.OUTPUT: f"img{i}".encode(),
-            schema.STATUS: "ok" if i else "no_face",
-            schema.FACES: json.dumps([{"score": 0.9}]) if i else "[]",
-            schema.ERROR: "",
-            schema.INDEX + "_np": np.int64(i),
-        }
-        for i in range(5)
-    ]
-    assert shards.chunk_state(dst, 3, cfg) == "todo"
-    shards.write_image_outputs(dst, rows[2:])
-    shards.write_image_outputs(dst, rows[:3])  # a retry with other boundaries: 0-2 and 2-4 overlap on 2
+    cfg = config_hash({"mode": "images"})
+    unit = Unit(name=chunk_name(3), kind=UnitKind.IMAGES, source="")
+    lines = [json.dumps({"key": f"album/{i}.jpg", "index": i}).encode() + b"\n" for i in range(5)]
+    assert state(unit, dst, cfg) == "todo"
+    shards.write_part(unit, dst, cfg, 2, 3, b"".join(lines[2:]))
+    shards.write_part(unit, dst, cfg, 0, 3, b"".join(lines[:3]))  # a retry with other boundaries: overlap on 2
     with pytest.raises(ShardCommitError, match="without an exact cover"):
-        shards.commit_chunk(dst, 3, 5, {}, config_hash=cfg)
-    shards.write_image_outputs(dst, rows[3:])  # now 0-2 + 3-4 is an exact cover
+        shards.commit(unit, dst, cfg, 5, {})
+    shards.write_part(unit, dst, cfg, 3, 2, b"".join(lines[3:]))  # now 0-2 + 3-4 is an exact cover
     with pytest.raises(ShardCommitError, match="missing 5"):
-        shards.commit_chunk(dst, 3, 6, {}, config_hash=cfg)
-    shards.commit_chunk(dst, 3, 5, {"ok": 4}, config_hash=cfg)
-    assert storage.read_bytes(storage.join(dst, "album/4.jpg")) == b"img4"
-    lines = storage.read_bytes(storage.join(dst, "_dr2/manifests/chunk-000003.jsonl")).decode().splitlines()
-    meta = [json.loads(x) for x in lines]
-    assert [m[schema.KEY] for m in meta] == [f"album/{i}.jpg" for i in range(5)]
-    assert meta[1][schema.FACES] == [{"score": 0.9}] and meta[1]["index_np"] == 1 and schema.OUTPUT not in meta[1]
-    assert shards.chunk_state(dst, 3, cfg) == "done"
-    assert shards.chunk_state(dst, 3, "other") == "conflict"
-    assert storage.list_images(dst) == [f"album/{i}.jpg" for i in range(5)]  # _dr2/ is not an input
+        shards.commit(unit, dst, cfg, 6, {})
+    shards.commit(unit, dst, cfg, 5, {"ok": 4})
+    got = storage.read_bytes(storage.join(dst, "_dr2/manifests/chunk-000003.jsonl")).splitlines(keepends=True)
+    assert got == lines
+    assert state(unit, dst, cfg) == "done"
+    assert state(unit, dst, "other") == "conflict"
 
 
 def test_empty_shard_commits_and_reads(tmp_path: Path) -> None:
     dst = str(tmp_path / "out")
-    marker = shards.commit_shard(dst, "empty.tar", 0, {}, config_hash="h")
+    unit = shard("empty.tar")
+    marker = shards.commit(unit, dst, "h", 0, {})
     assert marker["count"] == 0 and marker["bytes"] == tarfile.RECORDSIZE
-    assert list(shards.iter_tar_samples(f"{dst}/empty.tar")) == []
-    assert shards.shard_state(dst, "empty.tar", "h") == "done"
-    (tmp_path / "zero.tar").write_bytes(b"")  # a zero-byte file is not a tar
-    with pytest.raises(ShardReadError, match="empty file"):
-        list(shards.iter_tar_samples(str(tmp_path / "zero.tar")))
+    assert list(codec.iter_tar_samples(f"{dst}/empty.tar")) == []
+    assert state(unit, dst, "h") == "done"
+
+
+def test_planning_reads_markers_from_one_listing(s3_bucket: str) -> None:
+    """unit_states on many units: one paged listing (page size 7 here) decides which have markers."""
+    dst = f"s3://{s3_bucket}/many"
+    opts = storage.StorageOptions(list_page_size=7)
+    units = [shard(f"p/{i:04d}.tar") for i in range(40)]
+    for u in units[::3]:
+        stage(u, dst, "h", 0, _samples(1), options=opts)
+        shards.commit(u, dst, "h", 1, {}, options=opts)
+    states = shards.unit_states(units, dst, "h", options=opts)
+    assert [n for n, s in states.items() if s == "done"] == [u.name for u in units[::3]]
+    assert sum(s == "todo" for s in states.values()) == 40 - len(units[::3])
+

@@ -1,4 +1,5 @@
-"""pipeline/storage.py against the local filesystem and a real S3 server (SeaweedFS on loopback)."""
+"""pipeline/storage.py (with the listing of pipeline/sources.py and the model cache of pipeline/models.py) on
+the local filesystem and a real S3 server (SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from pipeline import storage
+from pipeline import models, sources, storage
 from pipeline.storage import AtomicWriter, StorageError, StorageOptions
 from tests.s3server import S3Server
 
@@ -132,17 +133,17 @@ def test_list_prefix_over_1000_keys(s3_server: S3Server, s3_bucket: str) -> None
         client.put_object(Bucket=s3_bucket, Key=k, Body=b"")  # type: ignore[attr-defined]
     listed = storage.list_prefix(f"s3://{s3_bucket}/many/")
     assert listed == [f"s3://{s3_bucket}/{k}" for k in keys]
-    assert storage.expand_sources(f"s3://{s3_bucket}/many/0{{09..10}}*.tar") == [
+    assert sources.expand_sources(f"s3://{s3_bucket}/many/0{{09..10}}*.tar") == [
         f"s3://{s3_bucket}/many/{i:05d}.tar" for i in range(900, 1100)
     ]
 
 
 def test_expand_braces() -> None:
-    assert storage.expand_braces("s-{000..003}.tar") == [f"s-{i:03d}.tar" for i in range(4)]
-    assert storage.expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
-    assert storage.expand_braces("{x,{y,z}w}") == ["x", "yw", "zw"]
-    assert storage.expand_braces("{8..10}") == ["8", "9", "10"]
-    assert storage.expand_braces("plain{x}") == ["plain{x}"]
+    assert sources.expand_braces("s-{000..003}.tar") == [f"s-{i:03d}.tar" for i in range(4)]
+    assert sources.expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert sources.expand_braces("{x,{y,z}w}") == ["x", "yw", "zw"]
+    assert sources.expand_braces("{8..10}") == ["8", "9", "10"]
+    assert sources.expand_braces("plain{x}") == ["plain{x}"]
 
 
 def test_expand_sources(root: str) -> None:
@@ -153,35 +154,35 @@ def test_expand_sources(root: str) -> None:
         n: (storage.join(root, n) if storage.is_s3(root) else os.path.abspath(storage.join(root, n))) for n in names
     }
     tars = sorted(v for k, v in uris.items() if k.endswith(".tar"))
-    assert storage.expand_sources(root) == tars  # directory / prefix, recursive
-    assert storage.expand_sources(storage.join(root, "train")) == tars[:3]
-    assert storage.expand_sources(storage.join(root, "train/*.tar")) == tars[:3]
-    assert storage.expand_sources(storage.join(root, "*/s-000.tar")) == [uris["train/s-000.tar"], uris["val/s-000.tar"]]
-    assert storage.expand_sources(storage.join(root, "**/*.tar")) == tars
-    assert storage.expand_sources(storage.join(root, "train/s-{000..001}.tar")) == tars[:2]
-    assert storage.expand_sources(storage.join(root, "{train,val}/s-000.tar")) == [
+    assert sources.expand_sources(root) == tars  # directory / prefix, recursive
+    assert sources.expand_sources(storage.join(root, "train")) == tars[:3]
+    assert sources.expand_sources(storage.join(root, "train/*.tar")) == tars[:3]
+    assert sources.expand_sources(storage.join(root, "*/s-000.tar")) == [uris["train/s-000.tar"], uris["val/s-000.tar"]]
+    assert sources.expand_sources(storage.join(root, "**/*.tar")) == tars
+    assert sources.expand_sources(storage.join(root, "train/s-{000..001}.tar")) == tars[:2]
+    assert sources.expand_sources(storage.join(root, "{train,val}/s-000.tar")) == [
         uris["train/s-000.tar"],
         uris["val/s-000.tar"],
     ]
-    assert storage.expand_sources([storage.join(root, "val"), storage.join(root, "val/s-000.tar")]) == [
+    assert sources.expand_sources([storage.join(root, "val"), storage.join(root, "val/s-000.tar")]) == [
         uris["val/s-000.tar"]
     ]
     with pytest.raises(FileNotFoundError):
-        storage.expand_sources(storage.join(root, "train/s-{000..009}.tar"))
+        sources.expand_sources(storage.join(root, "train/s-{000..009}.tar"))
 
 
 def test_list_images(root: str) -> None:
     for n in ["a.jpg", "sub/b.PNG", "sub/deep/c.webp", "sub/readme.txt", "_dr2/manifests/x.jpg"]:
         _put(storage.join(root, n))
-    assert storage.list_images(root) == ["a.jpg", "sub/b.PNG", "sub/deep/c.webp"]
-    assert storage.list_images(storage.join(root, "sub") + "/", [".png"]) == ["b.PNG"]
+    assert sources.list_images(root) == ["a.jpg", "sub/b.PNG", "sub/deep/c.webp"]
+    assert sources.list_images(storage.join(root, "sub") + "/", [".png"]) == ["b.PNG"]
 
 
 def test_missing_bucket_is_a_clear_error(s3_server: S3Server) -> None:
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-dr2' does not exist.*AWS_ENDPOINT_URL"):
         storage.exists("s3://no-such-bucket-dr2/x.tar")
     with pytest.raises(StorageError, match="does not exist"):
-        storage.expand_sources("s3://no-such-bucket-dr2/shards/")
+        sources.expand_sources("s3://no-such-bucket-dr2/shards/")
     with pytest.raises(StorageError, match="does not exist"):
         storage.write_bytes_atomic("s3://no-such-bucket-dr2/x", b"1")
 
@@ -215,27 +216,27 @@ def _model_dir(root: str) -> tuple[str, bytes]:
 def test_localize_model_dir(s3_bucket: str, tmp_path: Path) -> None:
     uri, weights = _model_dir(f"s3://{s3_bucket}")
     cache = tmp_path / "cache"
-    local = storage.localize_model_dir(uri, cache)
+    local = models.localize_model_dir(uri, cache)
     assert (local / "model.safetensors").read_bytes() == weights
     assert json.loads((local / "config.json").read_text())["model"] == "tiny"
-    assert storage.localize_model_dir(uri + "/", cache) == local  # same cache key
+    assert models.localize_model_dir(uri + "/", cache) == local  # same cache key
 
     (local / "model.safetensors").write_bytes(b"corrupted cache")  # a damaged cached copy is replaced
-    assert (storage.localize_model_dir(uri, cache) / "model.safetensors").read_bytes() == weights
+    assert (models.localize_model_dir(uri, cache) / "model.safetensors").read_bytes() == weights
 
     local_dir = tmp_path / "here"
     local_dir.mkdir()
-    assert storage.localize_model_dir(str(local_dir), cache) == local_dir
+    assert models.localize_model_dir(str(local_dir), cache) == local_dir
 
 
 def test_localize_model_dir_checksum_mismatch(s3_bucket: str, tmp_path: Path) -> None:
     uri, weights = _model_dir(f"s3://{s3_bucket}")
     storage.write_bytes_atomic(storage.join(uri, "model.safetensors"), weights[:-4] + b"\0\0\0\0")
     with pytest.raises(StorageError, match="sha256 .* but config.json records"):
-        storage.localize_model_dir(uri, tmp_path / "cache")
+        models.localize_model_dir(uri, tmp_path / "cache")
     storage.write_json_atomic(storage.join(uri, "config.json"), {"model": "tiny"})
     with pytest.raises(StorageError, match="records no 'sha256'"):
-        storage.localize_model_dir(uri, tmp_path / "cache")
+        models.localize_model_dir(uri, tmp_path / "cache")
 
 
 class _CuttingProxy:
@@ -308,7 +309,7 @@ def test_s3_read_resumes_after_a_dropped_connection(
 def test_localize_model_dir_concurrent(s3_bucket: str, tmp_path: Path) -> None:
     uri, weights = _model_dir(f"s3://{s3_bucket}")
     with ThreadPoolExecutor(3) as pool:
-        dirs = list(pool.map(lambda _: storage.localize_model_dir(uri, tmp_path / "cache"), range(3)))
+        dirs = list(pool.map(lambda _: models.localize_model_dir(uri, tmp_path / "cache"), range(3)))
     assert len(set(dirs)) == 1
     assert (dirs[0] / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in dirs[0].iterdir() if p.name.endswith(".tmp")) == []
