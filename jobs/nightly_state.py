@@ -375,8 +375,10 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
     does not report counts as failed ("no outcome reported"). A bad unit is an outcome with ``ok=False``; an
     exception from ``process`` means broken infrastructure and ends the run with status ``error``.
 
-    Raises (nothing recorded, exit code 2) when the run cannot start: storage unreachable, or the state lease
-    still held by another run after ``state.lock_wait_s`` (:class:`LeaseHeld`)."""
+    Raises only when the run cannot even write its record (STATE_URI unreachable, no permission): exit code 2,
+    nothing recorded. Every later failure (the state lease still held by another run after ``state.lock_wait_s``,
+    storage errors mid-run, ``process`` raising) ends the run with status ``error`` (exit code 2) and a record
+    that says why; its claims are released on the way out."""
     owner = Owner.current(run_id)
     record = RunRecord(run_id=owner.run_id, host=owner.host, pid=owner.pid, start=time.time(),
                        config_hash=config_hash)
@@ -409,8 +411,11 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
                 break
             wave.finish()
             quarantined.extend(wave.quarantined)
+    except Exception as e:  # the state itself broke mid-run (storage, the state lease): stop, say so
+        log.exception("nightly run %s: bookkeeping failed; stopping", owner.run_id)
+        record.status, record.error = RunStatus.ERROR, f"{type(e).__name__}: {e}"
     finally:
-        keeper.close(release=True)
+        keeper.close(release=True)  # also on KeyboardInterrupt: other runs need not wait for the claims to expire
     if first_plan is not None:
         record.skipped = len(first_plan.skipped)
         quarantined = list(dict.fromkeys([*first_plan.quarantined, *quarantined]))

@@ -219,3 +219,25 @@ def test_claims_of_a_killed_run_are_taken_over_after_expiry(state_uri: str, tmp_
     runs = {r.run_id: r for r in state.runs()}
     assert runs["killedrun"].status is RunStatus.RUNNING and runs["killedrun"].end is None  # it never finished
     assert "running" in format_history(state)
+
+
+def test_a_run_that_cannot_get_the_state_lease_ends_with_error_and_says_who_holds_it(state_uri: str,
+                                                                                      tmp_path: Path) -> None:
+    from pipeline import leases
+
+    state = NightlyState(state_uri, lease_ttl=10, claim_ttl=30, lock_wait_s=0.3)
+    blocker = leases.try_acquire(state.lease_uri, ttl=60, owner=leases.Owner(host="cronhost", pid=42, run_id="other"))
+    try:
+        r = run_nightly(state, ["a"], set(), FileJob(tmp_path / "out"))
+    finally:
+        blocker.release()
+    assert r.status is RunStatus.ERROR and exit_code(r) == 2
+    assert "LeaseHeld" in r.error and "other" in r.error and "cronhost" in r.error
+    assert state.runs()[-1].run_id == r.run_id and state.runs()[-1].status is RunStatus.ERROR
+
+
+def test_a_run_that_cannot_write_its_record_raises(tmp_path: Path) -> None:
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state folder should be")
+    with pytest.raises(OSError):  # could not start: nothing recorded, the CLI exits 2
+        run_nightly(NightlyState(str(blocked)), ["a"], set(), FileJob(tmp_path / "out"))
