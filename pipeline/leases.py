@@ -133,9 +133,13 @@ class LeaseRecord:
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> LeaseRecord:
-        d = json.loads(data)
-        o = d["owner"]
+    def from_bytes(cls, data: bytes, uri: str = "") -> LeaseRecord:
+        try:
+            d = json.loads(data)
+            o = d["owner"]
+        except (ValueError, KeyError, TypeError) as e:  # never written by us: say so instead of a KeyError
+            raise RuntimeError(f"{uri or 'lease'} does not hold a lease record ({e}); nothing in this project writes "
+                               "such a file: remove it if you are sure no job is running") from e
         return cls(owner=Owner(host=str(o["host"]), pid=int(o["pid"]), run_id=str(o["run_id"])), token=str(d["token"]),
                    acquired=float(d["acquired"]), renewed=float(d["renewed"]), expires=float(d["expires"]))
 
@@ -270,17 +274,9 @@ def delete_if_match(uri: str, version: str, *, options: StorageOptions | None = 
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client(options)
-        try:
-            client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
-            return True
-        except botocore.exceptions.ClientError as e:
-            if _is_conflict(e) or _code(e) in _MISSING_CODES:
-                return False
-            if _code(e) not in _UNSUPPORTED_CODES:
-                raise
-        # A server without conditional deletes: check, then delete. The window between the two is only open to a
-        # taker if our lease had already expired, which is the case where the caller has lost it anyway.
-        log.debug("S3 endpoint refuses conditional DeleteObject; checking the ETag first for %s", uri)
+        # HEAD first: a server that ignores If-Match on DeleteObject (older S3-compatible stores) must not delete a
+        # lease someone else took over. What is left is the gap between HEAD and DELETE, open only to a taker after
+        # our lease expired, i.e. when we had lost it anyway.
         try:
             head = client.head_object(Bucket=bucket, Key=key)
         except botocore.exceptions.ClientError as e:
@@ -289,7 +285,15 @@ def delete_if_match(uri: str, version: str, *, options: StorageOptions | None = 
             raise
         if str(head["ETag"]) != version:
             return False
-        client.delete_object(Bucket=bucket, Key=key)
+        try:
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
+        except botocore.exceptions.ClientError as e:
+            if _is_conflict(e) or _code(e) in _MISSING_CODES:
+                return False
+            if _code(e) not in _UNSUPPORTED_CODES:
+                raise
+            log.debug("S3 endpoint refuses conditional DeleteObject; deleting %s after the ETag check", uri)
+            client.delete_object(Bucket=bucket, Key=key)
         return True
     path = local_path(uri)
     with _flocked(path):
@@ -326,7 +330,7 @@ def list_names(prefix_uri: str, *, options: StorageOptions | None = None) -> lis
 def read_lease(uri: str, *, options: StorageOptions | None = None) -> LeaseRecord | None:
     """The current record at ``uri`` (whoever holds it), or None."""
     got = read_versioned(uri, options=options)
-    return LeaseRecord.from_bytes(got[0]) if got else None
+    return LeaseRecord.from_bytes(got[0], uri) if got else None
 
 
 class Lease:
@@ -437,7 +441,7 @@ def try_acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: St
         got = read_versioned(uri, options=options)
         if got is None:
             continue  # released between our create and our read
-        current = LeaseRecord.from_bytes(got[0])
+        current = LeaseRecord.from_bytes(got[0], uri)
         if not current.expired(now):
             raise LeaseHeld(uri, current, now=now)
         version = replace_if_match(uri, record.to_bytes(), got[1], options=options)

@@ -202,3 +202,10 @@ def test_conditional_objects(root: str) -> None:
     assert leases.list_names(f"{root}/objs") == ["x.json"]  # local lock files are hidden
     assert leases.delete_if_match(uri, v2) is True
     assert leases.read_versioned(uri) is None and leases.list_names(f"{root}/objs") == []
+
+
+def test_a_file_that_is_not_a_lease_is_refused_clearly(root: str) -> None:
+    uri = f"{root}/junk.json"
+    assert leases.create_if_absent(uri, b"not json") is not None
+    with pytest.raises(RuntimeError, match="does not hold a lease record"):
+        leases.try_acquire(uri, ttl=10)
