@@ -149,6 +149,9 @@ def test_runtime_env_ships_the_project_without_venv_and_pins_deps_but_not_ray_or
     assert "webdataset==1.0.2" in packages and all("==" in p for p in packages)
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://s3.local"}
     assert "pip" not in submit.build_runtime_env(REPO, deps="installed")
+    from ray.runtime_env import RuntimeEnv
+
+    assert RuntimeEnv(**env)["pip"]["packages"] == packages  # Ray's own validation of the runtime_env
     assert submit.entrypoint(["restore", "a b", "c"]) == "python -m jobs.cli restore 'a b' c"
 
 
