@@ -1,24 +1,25 @@
-"""Pipeline efficiency: faces/s of the full ``run_restore`` Ray job against a bare Python loop doing the same work.
+"""Pipeline efficiency: the full ``dr2 restore`` Ray job against a bare Python loop doing the same work, on
+the same archive, in one run, for two kinds of rows:
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--shards 2] [--images 8] [--restorer tiny] [--N 4] [--tau 22]
-        [--detect-batch-size 8] [--restore-batch-size 8] [--detect-actors 1] [--restore-actors 1] [--keep DIR]
+    .venv/bin/python benchmarks/bench_pipeline.py [--cheap-shards 20 --cheap-images 500] [--shards 4 --images 8]
+        [--synthetic-rows 0] [--plan-s3 0] [--skip cheap,tiny] [--keep DIR]
 
-1. Builds (or takes, with ``--src``) an archive of ``--shards`` WebDataset shards x ``--images`` real photos: the
-   public-domain portraits shipped in ``jobs/demo_data`` (astronaut, Grace Hopper), each degraded by
-   ``jobs.demo.degrade`` with its own seed and a factor of 4 or 8, so every image holds one real face.
-2. Bare loop, in this process, models loaded before the clock starts and one batch of warm-up: for every image,
-   in the same batches as the pipeline, decode -> detect (``--detect-batch-size`` images at a time) -> align ->
-   restore (``--restore-batch-size`` faces per call, across images) -> paste back -> encode. No Ray, no tar
-   writing, no row bookkeeping: the work a pipeline cannot avoid.
-3. The full job, ``jobs.restore.run_restore``, on a fresh local Ray (``pipeline.build.init_ray``). Reported:
-   Ray start-up; ``run_restore`` wall time (plans, starts actors and loads their models, streams, commits);
-   and the steady-state rate from the first summary row the driver sees to the end of ``run_restore``, over
-   the faces of the rows after that first block (the first block's faces were restored before the clock).
+(a) cheap rows: ``--cheap-shards`` x ``--cheap-images`` JPEGs of 64x64 without a face, ``--restorer passthrough``.
+    The bare loop reads each tar, decodes and runs MTCNN in batches of ``detect_batch_size``, one thread: the
+    work every row needs. Reported: rows/s of both and their ratio (goal >= 0.9).
+(b) tiny DR2: ``--shards`` x ``--images`` real degraded face photos (``jobs/demo_data``), ``--restorer tiny``. The
+    bare loop decodes, detects, aligns, restores (``restore_batch_size`` faces per call), pastes back and encodes,
+    models loaded before the clock and one batch of warm-up. Reported: faces/s of both, steady-state (from
+    the first part summary the driver sees to the end, over the faces after the first block) and whole run.
 
-The efficiency is pipeline faces/s over bare faces/s; the goal is >= 0.9. On a machine with few cores read it
-with care: Ray's own processes (GCS, raylet, the driver's streaming executor, idle workers) take CPU from the
-same cores the models use, and the actors run with fewer torch threads than the bare loop unless told
-otherwise. The table prints the CPU count and load average so the figure can be judged.
+For both: Ray start-up, time from ``run_restore`` to the first committed unit, and the driver's peak RSS
+growth during the run (sampled every 50 ms). ``--synthetic-rows N`` adds a run over N samples without images
+(read, write, commit only) to show that the driver's memory does not grow with the number of rows;
+``--plan-s3 N`` plans N shards on a fresh SeaweedFS (tests/s3server.py) and times ``plan_units`` +
+``select_todo`` (one paged listing of SRC and one of DST).
+
+On a machine with few cores read the figures with care: Ray's own processes (GCS, raylet, the streaming
+executor) take CPU from the same cores the stages use. The table prints the CPU count and load average.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import jobs.restore as restore_job  # noqa: E402
 from jobs.demo import degrade, demo_photo, jpeg_bytes  # noqa: E402
-from pipeline import schema as S  # noqa: E402
 from pipeline.build import init_ray  # noqa: E402
 from pipeline.config import PipelineConfig, RestorerKind  # noqa: E402
 from pipeline.decode import decode_image, encode_image  # noqa: E402
-from pipeline.faces import align_faces, paste_faces  # noqa: E402
-from pipeline.models import build_detector, build_restorer, pick_device  # noqa: E402
-from pipeline.shards import iter_tar_samples, pick_image_member  # noqa: E402
-from pipeline.stages import align_options  # noqa: E402
-from pipeline.storage import expand_sources  # noqa: E402
+from pipeline.faces import AlignOptions, align_faces, paste_faces  # noqa: E402
+from pipeline.models import build_detector, pick_device, restorer_from_config  # noqa: E402
+from pipeline.sources import expand_sources  # noqa: E402
+from pipeline.wds import iter_tar_samples, pick_image_member  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -104,8 +102,8 @@ def bare_loop(items: list[tuple[str, bytes]], cfg: PipelineConfig) -> tuple[Meas
     """Decode, detect, align, restore, paste back and encode every image with plain calls; per-step seconds."""
     device = pick_device(cfg.device)
     detector = build_detector(cfg, device)
-    restorer = build_restorer(cfg, device)
-    opts = align_options(cfg)
+    restorer = restorer_from_config(cfg, device)
+    opts = AlignOptions(select=cfg.select, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size)
     _bare_pass(items[: cfg.detect_batch_size], detector, restorer, cfg, opts, {})  # warm-up, not timed
     steps: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -151,142 +149,231 @@ def _bare_pass(items: list[tuple[str, bytes]], detector: Any, restorer: Any, cfg
     return faces_done
 
 
+def build_cheap_archive(root: Path, shards: int, images: int) -> str:
+    """``root/cheap-*.tar``: 64x64 JPEGs of smooth noise (no face), one JSON each."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"cheap-{s:03d}.tar")) as sink:
+            for i in range(images):
+                img = np.clip(rng.normal(128, 40, (8, 8, 3)), 0, 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+                sink.write({"__key__": f"c{s:03d}_{i:05d}", "jpg": jpeg_bytes(img), "json": b"{}"})
+    return str(root / f"cheap-{{000..{shards - 1:03d}}}.tar")
+
+
+def bare_cheap(src: str, cfg: PipelineConfig) -> Measured:
+    """Read each tar, decode, MTCNN-detect in batches: one thread, no bookkeeping."""
+    detector = build_detector(cfg, pick_device("cpu"))
+    t0 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for uri in expand_sources(src):
+            batch: list[np.ndarray] = []
+            for sample in iter_tar_samples(uri):
+                member = pick_image_member(sample.members)
+                data = next(d for name, d in sample.members if name == member)
+                batch.append(decode_image(data, max_pixels=cfg.max_pixels).rgb)
+                n += 1
+                if len(batch) == cfg.detect_batch_size:
+                    detector.detect(batch)
+                    batch = []
+            if batch:
+                detector.detect(batch)
+    return Measured(n, 0, time.perf_counter() - t0)
+
+
 # --------------------------------------------------------------------------------------------- pipeline
+
+
+class RssSampler:
+    """Peak resident memory of this process above its level at start, sampled every 50 ms in a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return (self.peak - self.start) / 2**20
 
 
 @dataclass
 class PipelineMeasured:
     ray_start: float
-    run_wall: float
-    first_row_at: float  # seconds after run_restore began
-    steady: Measured  # from the first row to the end, faces after the first block
+    first_part_at: float  # seconds after run_restore began
+    first_commit_at: float
+    steady: Measured  # from the first part summary to the end, rows/faces after the first block
     total: Measured  # the whole run_restore call
+    driver_mb: float  # peak RSS growth of the driver during run_restore
     stage_seconds: dict[str, float]
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineMeasured:
-    """``run_restore`` on a fresh local Ray, with the arrival time of every summary row recorded."""
+    """``run_restore`` on a fresh local Ray, with the arrival time of every part summary recorded."""
     import ray
 
     t0 = time.perf_counter()
     init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t0
+    arrivals: list[tuple[float, int, int]] = []  # (time, rows, faces) per part
 
-    arrivals: list[tuple[float, int]] = []  # (time, faces) per summary row
-    stream = restore_job.stream_summaries
+    def on_part(part: dict[str, Any], _: Any) -> None:
+        if part["first"] >= 0:
+            arrivals.append((time.perf_counter(), part["last"] - part["first"] + 1, int(part["faces"])))
 
-    def timed_stream(ds: Any) -> Iterator[dict[str, Any]]:
-        for row in stream(ds):
-            if not S.is_marker(row):
-                ok = row[S.STATUS] == S.Status.OK.value
-                arrivals.append((time.perf_counter(), len(json.loads(row[S.FACES])) if ok else 0))
-            yield row
-
-    # run_restore looks stream_summaries up in its own module: wrap it there, for this run only
-    restore_job.stream_summaries = timed_stream  # type: ignore[assignment]
-    try:
-        t1 = time.perf_counter()
-        summary = restore_job.run_restore(cfg)
-        t_end = time.perf_counter()
-    finally:
-        restore_job.stream_summaries = stream  # type: ignore[assignment]
-    if not arrivals:
-        raise RuntimeError("the pipeline produced no rows")
-    t_first = arrivals[0][0]
-    # rows of one block arrive together; the first block's faces were done before the clock started
-    later = [f for t, f in arrivals if t > t_first + 0.005]
-    stage_seconds: dict[str, float] = {}
-    for stats_file in Path(cfg.dst).glob("*.stats.json"):
-        for k, v in json.loads(stats_file.read_text())["seconds"].items():
-            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+    rss = RssSampler()
+    t1 = time.perf_counter()
+    summary = restore_job.run_restore(cfg, on_part=on_part)
+    t_end = time.perf_counter()
+    driver_mb = rss.stop()
     ray.shutdown()
+    if not arrivals:
+        raise RuntimeError("the pipeline produced no parts")
+    t_first = arrivals[0][0]
+    later = [(r, f) for t, r, f in arrivals[1:]]
     return PipelineMeasured(
         ray_start=ray_start,
-        run_wall=t_end - t1,
-        first_row_at=t_first - t1,
-        steady=Measured(len(later), sum(later), t_end - t_first),
+        first_part_at=t_first - t1,
+        first_commit_at=summary.first_commit_seconds or float("nan"),
+        steady=Measured(sum(r for r, _ in later), sum(f for _, f in later), t_end - t_first),
         total=Measured(summary.samples, summary.faces, t_end - t1),
-        stage_seconds=stage_seconds,
+        driver_mb=driver_mb,
+        stage_seconds=dict(summary.stage_seconds),
     )
+
+
+def plan_on_s3(n: int) -> str:
+    """Plan ``n`` shards on a fresh S3 server: listing SRC and DST, once each."""
+    from tests.s3server import S3Server
+
+    server = S3Server.start()
+    try:
+        for k, v in server.env().items():
+            os.environ[k] = v
+        bucket = server.make_bucket()
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline import storage
+
+        storage.reset_clients()
+        client = storage.s3_client()
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"in/s-{i:06d}.tar", Body=b"x"), range(n)))
+        cfg = PipelineConfig(src=f"s3://{bucket}/in/", dst=f"s3://{bucket}/out/", restorer=RestorerKind.PASSTHROUGH)
+        t0 = time.perf_counter()
+        units = restore_job.plan_units(cfg)
+        todo = restore_job.select_todo(units, cfg, "h" * 64)
+        return f"planning {len(units)} shards on S3 ({len(todo)} to do): {time.perf_counter() - t0:.2f} s"
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------------------------- report
 
 
-def report(args: argparse.Namespace, bare: Measured, bare_steps: dict[str, float], pipe: PipelineMeasured) -> str:
-    load = os.getloadavg()
+def _row(name: str, m: Measured, unit: str) -> str:
+    n = m.images if unit == "rows" else m.faces
+    rate = n / m.seconds if m.seconds > 0 else 0.0
+    return f"{name:<46}{m.images:>8}{m.faces:>8}{m.seconds:>10.2f}{rate:>10.2f} {unit}/s"
+
+
+def report_pair(title: str, bare: Measured, pipe: PipelineMeasured, unit: str) -> list[str]:
+    def rate(m: Measured) -> float:
+        n = m.images if unit == "rows" else m.faces
+        return n / m.seconds if m.seconds > 0 else 0.0
+
     with_start = Measured(pipe.total.images, pipe.total.faces, pipe.total.seconds + pipe.ray_start)
     lines = [
-        f"cpus={os.cpu_count()} load average={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} torch threads (bare)="
-        f"{torch.get_num_threads()} restorer={args.restorer} N={args.N} tau={args.tau} "
-        f"detect_bs={args.detect_batch_size} restore_bs={args.restore_batch_size} "
-        f"actors={args.detect_actors}+{args.restore_actors} cpus/actor={args.cpus_per_actor}",
+        title,
+        f"{'':<46}{'rows':>8}{'faces':>8}{'seconds':>10}{'rate':>10}",
+        _row("bare loop, one thread", bare, unit),
+        _row("pipeline, first part -> end (steady)", pipe.steady, unit),
+        _row("pipeline, run_restore wall (Ray up)", pipe.total, unit),
+        _row("pipeline, incl. Ray start-up", with_start, unit),
+        f"efficiency: steady {rate(pipe.steady) / rate(bare):.2f}, whole run {rate(pipe.total) / rate(bare):.2f}, "
+        f"incl. Ray start {rate(with_start) / rate(bare):.2f}",
+        f"Ray start-up {pipe.ray_start:.1f} s; first part at {pipe.first_part_at:.1f} s, first unit committed at "
+        f"{pipe.first_commit_at:.1f} s after run_restore began; driver peak RSS growth {pipe.driver_mb:.0f} MiB",
+        "pipeline seconds per stage (summed over rows): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(pipe.stage_seconds.items()) if v),
         "",
-        f"{'':<44}{'images':>8}{'faces':>8}{'seconds':>10}{'faces/s':>10}",
-        f"{'bare loop (models loaded, warmed up)':<44}{bare.images:>8}{bare.faces:>8}{bare.seconds:>10.2f}"
-        f"{bare.rate:>10.3f}",
-        f"{'pipeline, first row -> end':<44}{pipe.steady.images:>8}{pipe.steady.faces:>8}"
-        f"{pipe.steady.seconds:>10.2f}{pipe.steady.rate:>10.3f}",
-        f"{'pipeline, run_restore wall (Ray up)':<44}{pipe.total.images:>8}{pipe.total.faces:>8}"
-        f"{pipe.total.seconds:>10.2f}{pipe.total.rate:>10.3f}",
-        f"{'pipeline, incl. Ray start-up':<44}{pipe.total.images:>8}{pipe.total.faces:>8}"
-        f"{with_start.seconds:>10.2f}{with_start.rate:>10.3f}",
-        "",
-        f"Ray start-up {pipe.ray_start:.2f} s; first row reached the driver {pipe.first_row_at:.2f} s into run_restore",
-        f"efficiency (first row -> end) = {pipe.steady.rate / bare.rate:.2f}   "
-        f"(run_restore wall: {pipe.total.rate / bare.rate:.2f}; incl. Ray start: "
-        f"{with_start.rate / bare.rate:.2f})   goal >= 0.9",
-        "",
-        "seconds per step, summed over images: bare loop | pipeline (per-row timings in the stats markers; "
-        "summed over concurrent actors)",
     ]
-    for k in sorted(set(bare_steps) | set(pipe.stage_seconds)):
-        lines.append(f"  {k:<10}{bare_steps.get(k, 0.0):>10.2f} | {pipe.stage_seconds.get(k, 0.0):>10.2f}")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", help="existing shards (path, glob or braces) instead of building an archive")
-    p.add_argument("--shards", type=int, default=2, help="shards to build (default 2)")
-    p.add_argument("--images", type=int, default=8, help="images per shard (default 8)")
-    p.add_argument("--restorer", choices=("tiny", "passthrough"), default="tiny")
+    p.add_argument("--cheap-shards", type=int, default=20)
+    p.add_argument("--cheap-images", type=int, default=500)
+    p.add_argument("--shards", type=int, default=4, help="face shards for the tiny-DR2 case (default 4)")
+    p.add_argument("--images", type=int, default=8, help="face images per shard (default 8)")
     p.add_argument("--N", type=int, default=4, help="DR2 low-pass factor (default 4)")
     p.add_argument("--tau", type=int, default=22, help="DR2 output step (default 22, the 'mild' preset)")
-    p.add_argument("--detect-batch-size", type=int, default=8, help="images per detector batch (default 8)")
-    p.add_argument("--restore-batch-size", type=int, default=8,
-                   help="faces per restorer call (default 8; DR2Restorer pads every call to 8 faces)")
-    p.add_argument("--detect-actors", type=int, default=1)
-    p.add_argument("--restore-actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the bare loop (default: torch's)")
-    p.add_argument("--keep", type=Path, help="write archive and outputs here and keep them (default: a temp dir)")
+    p.add_argument("--detect-batch-size", type=int, default=8)
+    p.add_argument("--restore-batch-size", type=int, default=8)
+    p.add_argument("--synthetic-rows", type=int, default=0, help="also run N image-less rows (driver memory)")
+    p.add_argument("--plan-s3", type=int, default=0, help="also plan N shards on a local S3 server")
+    p.add_argument("--skip", default="", help="comma list of cases to skip: cheap, tiny")
+    p.add_argument("--keep", type=Path, help="write archives and outputs here and keep them (default: a temp dir)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("jobs").setLevel(logging.WARNING)
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    load = os.getloadavg()
+    out = [f"cpus={os.cpu_count()} load average={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}", ""]
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         work = args.keep or Path(tmp)
-        src = args.src or build_archive(work / "archive", args.shards, args.images)
-        dst = work / f"out-{time.strftime('%H%M%S')}"
-        cfg = PipelineConfig(
-            src=src, dst=str(dst), restorer=RestorerKind(args.restorer), N=args.N, tau=args.tau,
-            detect_batch_size=args.detect_batch_size, restore_batch_size=args.restore_batch_size,
-            detect_actors=args.detect_actors, restore_actors=args.restore_actors, cpus_per_actor=args.cpus_per_actor,
-            record_timings=True, device="cpu",
-        )
-        items = read_images(src)
-        log.info("archive %s: %d images", src, len(items))
-        log.info("bare loop ...")
-        bare, steps = bare_loop(items, cfg)
-        log.info("bare loop: %d faces in %.2f s", bare.faces, bare.seconds)
-        log.info("pipeline ...")
-        pipe = run_pipeline(cfg)
-        print(report(args, bare, steps, pipe))
+        common = {"detect_batch_size": args.detect_batch_size, "restore_batch_size": args.restore_batch_size,
+                  "device": "cpu"}
+        if "cheap" not in skip:
+            src = build_cheap_archive(work / "cheap", args.cheap_shards, args.cheap_images)
+            cfg = PipelineConfig(src=src, dst=str(work / "out-cheap"), restorer=RestorerKind.PASSTHROUGH, **common)
+            log.info("cheap rows: bare loop ...")
+            bare = bare_cheap(src, cfg)
+            log.info("cheap rows: pipeline ...")
+            out += report_pair(f"(a) cheap rows: {args.cheap_shards} shards x {args.cheap_images} no-face 64x64 JPEGs, "
+                               "passthrough", bare, run_pipeline(cfg), "rows")
+        if "tiny" not in skip:
+            src = build_archive(work / "faces", args.shards, args.images)
+            cfg = PipelineConfig(src=src, dst=str(work / "out-tiny"), restorer=RestorerKind.TINY, N=args.N,
+                                 tau=args.tau, **common)
+            log.info("tiny DR2: bare loop ...")
+            bare, _ = bare_loop(read_images(src), cfg)
+            log.info("tiny DR2: pipeline ...")
+            out += report_pair(f"(b) tiny DR2: {args.shards} shards x {args.images} face photos, N={args.N} "
+                               f"tau={args.tau}", bare, run_pipeline(cfg), "faces")
+        if args.synthetic_rows:
+            root = work / "synthetic"
+            root.mkdir(parents=True, exist_ok=True)
+            per = 10_000
+            for s in range(0, args.synthetic_rows, per):
+                with wds.TarWriter(str(root / f"syn-{s // per:04d}.tar")) as sink:
+                    for i in range(s, min(s + per, args.synthetic_rows)):
+                        sink.write({"__key__": f"r{i:07d}", "txt": b"x"})
+            cfg = PipelineConfig(src=str(root), dst=str(work / "out-syn"), restorer=RestorerKind.PASSTHROUGH, **common)
+            m = run_pipeline(cfg)
+            out.append(f"(c) synthetic: {m.total.images} image-less rows in {m.total.seconds:.1f} s "
+                       f"({m.total.images / m.total.seconds:.0f} rows/s); driver peak RSS growth {m.driver_mb:.0f} MiB")
+        if args.plan_s3:
+            out.append("(d) " + plan_on_s3(args.plan_s3))
+    print("\n".join(out))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,9 +175,11 @@ def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) ->
 # --------------------------------------------------------------------------------------------- running
 
 
-def run_restore(cfg: PipelineConfig) -> RunSummary:
-    """Run the whole job; returns the summary (also logged)."""
-    from pipeline.build import build_dataset, init_ray, remote_call, stream_summaries, wait
+def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None = None
+                ) -> RunSummary:
+    """Run the whole job; returns the summary (also logged). ``on_part`` sees every part summary as it arrives
+    (progress display, benchmarks), with the run's summary so far."""
+    from pipeline.build import build_dataset, init_ray, is_ready, remote_call, stream_summaries, wait
     from pipeline.models import model_identity
 
     t0 = time.perf_counter()
@@ -203,9 +205,11 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
 
     init_ray(cfg)
     progress = {u.name: UnitProgress(u) for u in todo}
-    commits = []
+    commits: list[Any] = []
     ds = build_dataset(todo, cfg, model_info, config_hash)
     for part in stream_summaries(ds):
+        if summary.first_commit_seconds is None and commits and is_ready(commits[0]):
+            summary.first_commit_seconds = time.perf_counter() - t0
         p = progress[part[S.UNIT]]
         if part["first"] == -1:  # the unit's end
             p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
@@ -213,13 +217,13 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
         else:
             p.parts.setdefault((part["first"], part["last"]), part)
         chain = p.cover()
+        if on_part is not None:
+            on_part(part, summary)
         if chain is None:
             continue
         stats = _stats(p, chain, config_hash)
         log.info("%s: all %d samples staged, committing", p.unit.name, p.expected)
         commits.append(remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options))
-        if summary.first_commit_seconds is None:
-            summary.first_commit_seconds = time.perf_counter() - t0
         summary.units_done += 1
         summary.samples += stats["samples"]
         summary.faces += stats["faces"]
@@ -229,6 +233,9 @@ def run_restore(cfg: PipelineConfig) -> RunSummary:
         if p.read_error:
             summary.read_errors[p.unit.name] = p.read_error
         p.parts, p.committed = {}, True
+    if commits and summary.first_commit_seconds is None:
+        wait(commits[:1])
+        summary.first_commit_seconds = time.perf_counter() - t0
     wait(commits)
     incomplete = [s for s, p in progress.items() if not p.committed]
     if incomplete:

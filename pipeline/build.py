@@ -123,5 +123,10 @@ def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:
     return ray.remote(num_cpus=0.25, max_retries=MAX_RETRIES)(fn).remote(*args, **kwargs)
 
 
+def is_ready(ref: ray.ObjectRef) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
 def wait(refs: Sequence[ray.ObjectRef]) -> list[Any]:
     return list(ray.get(list(refs)))

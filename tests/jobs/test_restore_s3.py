@@ -41,8 +41,8 @@ from jobs.restore import RunSummary, run_restore
 from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
 from pipeline.models import model_cache_root
-from pipeline.shards import END_OF_ARCHIVE
 from pipeline.storage import StorageError
+from pipeline.wds import END_OF_ARCHIVE
 from tests.jobs.archive import assert_shard_matches_input, build_archive, encode, no_face_image
 from tests.s3server import S3Server
 
