@@ -35,8 +35,8 @@ from pipeline import schema as S
 from pipeline import shards, storage
 from pipeline.config import InputFormat, PipelineConfig
 from pipeline.shards import ShardCommitError
-from pipeline.sources import IMAGE_SUFFIXES, expand_sources, list_images
-from pipeline.units import Unit, UnitKind, chunk_name
+from pipeline.sources import IMAGE_SUFFIXES, expand_source_objects, list_image_objects
+from pipeline.units import Unit, UnitKind, image_chunks, shard_unit
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class UnitProgress:
     read_error: str = ""
     parts: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # by index range: a retry counts once
     read_seconds: float = 0.0
+    skipped_members: list[dict[str, str]] = field(default_factory=list)  # of the unit, from its end summary
     committed: bool = False
 
     def cover(self) -> list[dict[str, Any]] | None:
@@ -129,27 +130,39 @@ def _inside(path: str, root: str) -> bool:
 
 
 def plan_units(cfg: PipelineConfig) -> list[Unit]:
-    """The units of SRC: one per .tar shard, else chunks of plain images."""
+    """The units of SRC: one per .tar shard, else stable chunks of plain images (see :func:`image_layout`)."""
     fmt = cfg.input_format
     options = cfg.storage_options()
-    tars = expand_sources(cfg.src, options=options) if fmt in (InputFormat.AUTO, InputFormat.WEBDATASET) else []
-    inside = [u for u in tars if _inside(u, cfg.dst)]
+    tars = expand_source_objects(cfg.src, options=options) if fmt in (InputFormat.AUTO, InputFormat.WEBDATASET) else []
+    inside = [o.uri for o in tars if _inside(o.uri, cfg.dst)]
     if inside:
         raise ValueError(f"SRC matches files inside DST ({inside[0]}): outputs would be read back as inputs. "
                          "Choose a DST outside SRC.")
     if tars:
-        root = _common_dir(tars)
-        return [Unit(name=u[len(root):].lstrip("/"), kind=UnitKind.SHARD, source=u) for u in tars]
+        root = _common_dir([o.uri for o in tars])
+        return [shard_unit(o.uri[len(root):].lstrip("/"), o) for o in tars]
     if fmt is InputFormat.WEBDATASET:
         raise FileNotFoundError(f"no .tar shards match {cfg.src!r}")
     if _inside(cfg.dst, cfg.src):
         raise ValueError(f"DST {cfg.dst} lies inside SRC {cfg.src}: outputs would be read back as inputs")
-    images = list_images(cfg.src, IMAGE_SUFFIXES, options=options)
+    images = list_image_objects(cfg.src, IMAGE_SUFFIXES, options=options)
     if not images:
         raise FileNotFoundError(f"no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.src!r}")
-    n = max(1, cfg.images_per_chunk)
-    chunks = [tuple(images[i : i + n]) for i in range(0, len(images), n)]
-    return [Unit(name=chunk_name(k), kind=UnitKind.IMAGES, source=cfg.src, images=c) for k, c in enumerate(chunks)]
+    return image_chunks(cfg.src, images, image_layout(cfg, len(images))["chunks"])
+
+
+LAYOUT_FILE = "_dr2/layout.json"
+
+
+def image_layout(cfg: PipelineConfig, n_images: int) -> dict[str, int]:
+    """How many chunks plain images are hashed into: fixed the first time DST sees this source (recorded in
+    ``DST/_dr2/layout.json`` by the run), so that a growing folder keeps every image in its chunk."""
+    try:
+        layout: dict[str, int] = json.loads(storage.read_bytes(storage.join(cfg.dst, LAYOUT_FILE),
+                                                               options=cfg.storage_options()))
+        return layout
+    except FileNotFoundError:
+        return {"chunks": max(1, -(-n_images // max(1, cfg.images_per_chunk)))}
 
 
 def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) -> list[Unit]:
@@ -195,6 +208,10 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
                 "config_hash": config_hash}
     storage.write_bytes_atomic(storage.join(cfg.dst, CONFIG_FILE), json.dumps(resolved, indent=2).encode(),
                                options=options)
+    if units and units[0].kind is UnitKind.IMAGES and not storage.exists(storage.join(cfg.dst, LAYOUT_FILE),
+                                                                          options=options):
+        chunks = image_layout(cfg, sum(len(u.images) for u in units))
+        storage.write_json_atomic(storage.join(cfg.dst, LAYOUT_FILE), chunks, options=options)
     summary.plan_seconds = time.perf_counter() - t0
     if not todo:
         log.info("all %d units in %s are done; nothing to do (use --overwrite to redo)", len(units), cfg.dst)
@@ -214,6 +231,7 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
         if part["first"] == -1:  # the unit's end
             p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
             p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
+            p.skipped_members = list(part[S.NOTES] or [])
         else:
             p.parts.setdefault((part["first"], part["last"]), part)
         chain = p.cover()
@@ -259,6 +277,9 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> di
         "faces": sum(int(part["faces"]) for part in chain),
         "faces_found": sum(int(part["faces_found"]) for part in chain),
         "read_error": p.read_error,
+        "input": p.unit.input,
+        "images": list(p.unit.images) if p.unit.kind is UnitKind.IMAGES else None,
+        "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }

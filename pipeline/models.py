@@ -18,16 +18,20 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dr2.restorer import DR2Restorer, FaceRestorer, PassthroughRestorer
-from dr2.weights import sha256_file
 from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.mtcnn import MTCNN, MTCNNConfig, load_mtcnn
 from pipeline.storage import StorageOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from dr2.restorer import FaceRestorer
+    from pipeline.mtcnn import MTCNN
+
+# torch, dr2 and the detector are imported inside the builders: the driver calls model_identity() and
+# check_restorer_config() only, and should not pay seconds and hundreds of MiB for what only actors use.
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ def model_cache_root() -> Path:
 
 
 def pick_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -61,6 +67,8 @@ def check_restorer_config(cfg: PipelineConfig) -> None:
 
 
 def build_detector(cfg: PipelineConfig, device: torch.device) -> MTCNN:
+    from pipeline.mtcnn import MTCNNConfig, load_mtcnn
+
     mtcnn_cfg = MTCNNConfig(
         min_face_size=max(12, cfg.min_face_size),
         thresholds=(0.6, 0.7, cfg.detect_threshold),
@@ -75,6 +83,8 @@ def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torc
 
     ``enhancer`` ``"none"`` (or empty) means bicubic upsampling instead of SPARNetHD.
     """
+    from dr2.restorer import DR2Restorer, PassthroughRestorer
+
     if kind is RestorerKind.PASSTHROUGH:
         return PassthroughRestorer()
     if kind is RestorerKind.TINY:
@@ -181,6 +191,8 @@ def _localize_locked(uri: str, cache_dir: Path, options: StorageOptions | None) 
         st = weights_path.stat()
         if stamp.read_text() == f"{expected} {st.st_size} {st.st_mtime_ns}":
             return cache_dir
+    from dr2.weights import sha256_file
+
     actual = sha256_file(weights_path) if weights_path.is_file() else None
     for attempt in range(2):
         if actual == expected:

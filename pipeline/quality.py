@@ -10,8 +10,11 @@ The three numbers (fields of :class:`FaceQuality`):
   output after both pass through DR2's own low-pass filter Phi_N (``dr2.lowpass.LowPass``: cubic down by N,
   cubic up by N; N is the run's N). DR2 samples under the constraint Phi_N(output) ~ Phi_N(input) (the paper's
   Eq. 7: from step omega on, the low frequencies are taken from the diffused input), so a large drift means the
-  output stopped following the input: a different face, a colour cast, noise. With N = 1 the filter is the
-  identity and this is a plain PSNR (then a real restoration also lowers it: every change counts).
+  output stopped following the input: a different face, a colour cast, noise. DR2 filters at the DDPM's size
+  (256 for the official weights), so pass ``ddpm_size``: the measure then filters the 512 crop by
+  ``N * 512 / ddpm_size`` (N = 8 at 256 keeps 32x32, which is a factor 16 at 512). With a factor of 1 the
+  filter is the identity and this is a plain PSNR (then a real restoration also lowers it: every change counts).
+  The input is the aligned crop DR2 was given, before DR2's own bicubic resize to ``ddpm_size``.
   Limits: it is a difference, not a judgement. A heavily degraded input (x8 with noise) restored perfectly
   scores lower than a mild one, because Phi_N keeps some of the degradation's own noise and blur; larger N
   forgives more. It sees the whole 512 crop, background and hair included.
@@ -33,9 +36,9 @@ any flag is *suspect*: it is kept and written like every other face (the pipelin
 numbers); the report shows suspect faces first, by :func:`severity`.
 
 Default thresholds, from ``python -m tests.pipeline.test_quality`` (41 aligned faces: astronaut, Grace Hopper
-and 39 gray LFW faces upscaled 6x; N in {1, 4, 8}), comparing plausible restorations (the clean face as the
-output for its x2/x4/x8 degraded input, identity, Gaussian blur sigma 1, unsharp masking, JPEG q30) with
-plausible failures (hue rotated 40/90 degrees, a (1.25, 1, 0.75) colour cast, uniform noise, another face,
+and 39 gray LFW faces upscaled 6x; factors 1, 4, 8 and 16 at 512), comparing plausible restorations (the clean
+face as the output for its x2/x4/x8 degraded input, identity, Gaussian blur sigma 1, unsharp masking, JPEG q30)
+with plausible failures (hue rotated 40/90 degrees, a (1.25, 1, 0.75) colour cast, uniform noise, another face,
 Gaussian blur sigma 4). Worst cases seen:
 
 * ``lowfreq_psnr >= 20 dB``. Restorations: min 24.6 at N=8, 21.2 at N=4, 19.2 at N=1 (all clean-for-x8; x4 and
@@ -78,7 +81,7 @@ class FaceQuality:
     lowfreq_psnr: float  # dB, PSNR of Phi_N(input) vs Phi_N(output), peak 1.0; capped at 100 for equal images
     delta_e: float  # mean CIE76 Delta E at 32x32
     sharpness_gain: float  # var(Laplacian(output)) / var(Laplacian(input))
-    N: int  # the low-pass factor lowfreq_psnr was measured with
+    N: int  # the low-pass factor lowfreq_psnr was measured with, at the 512 crop (crop_factor)
 
     def to_dict(self) -> dict[str, float | int]:
         """JSON-ready, floats rounded to 4 decimals (what report.json and dr2.json carry)."""
@@ -127,15 +130,25 @@ def _check(name: str, x: np.ndarray) -> None:
         raise ValueError(f"{name} must be uint8 ({FACE_SIZE}, {FACE_SIZE}, 3), got {x.dtype} {x.shape}")
 
 
-def lowfreq_psnr(inp: np.ndarray, out: np.ndarray, *, N: int) -> float:
-    """PSNR (dB, peak 1) between Phi_N(inp) and Phi_N(out); both (512, 512, 3) uint8. 100.0 when equal.
+def crop_factor(N: int, ddpm_size: int = FACE_SIZE) -> int:
+    """The low-pass factor at the 512 crop that cuts where Phi_N cuts at the DDPM's size (DR2 filters at
+    ``ddpm_size``, 256 for the official UNet: N = 8 there keeps 32x32, which is a factor 16 at 512)."""
+    if FACE_SIZE % ddpm_size or FACE_SIZE % (N * (FACE_SIZE // ddpm_size)):
+        raise ValueError(f"N={N} at ddpm_size={ddpm_size} does not map to a divisor of {FACE_SIZE}")
+    return N * (FACE_SIZE // ddpm_size)
 
-    Phi_N is linear, so Phi_N(out) - Phi_N(inp) = Phi_N(out - inp): one filter pass on the difference.
+
+def lowfreq_psnr(inp: np.ndarray, out: np.ndarray, *, N: int, ddpm_size: int = FACE_SIZE) -> float:
+    """PSNR (dB, peak 1) between Phi(inp) and Phi(out), Phi the 512-pixel equivalent of DR2's Phi_N at
+    ``ddpm_size`` (:func:`crop_factor`); both (512, 512, 3) uint8. 100.0 when equal.
+
+    Phi is linear, so Phi(out) - Phi(inp) = Phi(out - inp): one filter pass on the difference.
     """
+    factor = crop_factor(N, ddpm_size)
     diff = out.astype(np.float32) - inp.astype(np.float32)  # (512, 512, 3) in [-255, 255]
     x = torch.from_numpy(diff).permute(2, 0, 1).unsqueeze(0) / 255.0  # (1, 3, 512, 512)
     with torch.inference_mode():
-        low = _lowpass(N)(x)  # (1, 3, 512, 512)
+        low = _lowpass(factor)(x)  # (1, 3, 512, 512)
     mse = float(torch.mean(low * low))
     return 100.0 if mse <= 1e-10 else -10.0 * math.log10(mse)
 
@@ -157,14 +170,18 @@ def laplacian_variance(rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(gray, cv2.CV_32F, ksize=1).var())
 
 
-def measure_face(inp: np.ndarray, out: np.ndarray, *, N: int) -> FaceQuality:
-    """The three measures of one face: ``inp`` the aligned input crop, ``out`` the restored crop, ``N`` the run's
-    low-pass factor (a divisor of 512). Both (512, 512, 3) uint8 RGB."""
+def measure_face(inp: np.ndarray, out: np.ndarray, *, N: int, ddpm_size: int = FACE_SIZE) -> FaceQuality:
+    """The three measures of one face: ``inp`` the aligned input crop, ``out`` the restored crop, both
+    (512, 512, 3) uint8 RGB; ``N`` the run's low-pass factor and ``ddpm_size`` the side DR2 applied it at (the
+    DDPM's ``image_size``, 256 for the official weights; the default 512 applies N to the crop itself)."""
     _check("inp", inp)
     _check("out", out)
     gain = (laplacian_variance(out) + _EPS) / (laplacian_variance(inp) + _EPS)
     return FaceQuality(
-        lowfreq_psnr=lowfreq_psnr(inp, out, N=N), delta_e=mean_delta_e(inp, out), sharpness_gain=gain, N=N
+        lowfreq_psnr=lowfreq_psnr(inp, out, N=N, ddpm_size=ddpm_size),
+        delta_e=mean_delta_e(inp, out),
+        sharpness_gain=gain,
+        N=crop_factor(N, ddpm_size),
     )
 
 

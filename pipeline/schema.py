@@ -28,6 +28,9 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
 * ``output``: the composed, re-encoded image (or the input bytes for a passed-through row).
 * ``status`` / ``error``: on every row, from the reader on.
 * ``timings``: seconds per stage for this row.
+* ``notes``: members that could not be carried under their own name (:class:`pipeline.wds.MemberNote`): on a
+  sample row they go to its ``dr2.json`` (``skipped_members``); on an end row (e.g. a sample whose key itself is
+  unsafe) to the unit's stats marker.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ OUTPUT = "output"
 STATUS = "status"
 ERROR = "error"
 TIMINGS = "timings"
+NOTES = "notes"
 END_INDEX = -1
 
 STAGES = ("read", "decode", "detect", "align", "restore", "compose", "write")
@@ -65,6 +69,7 @@ FACE_TYPE = pa.struct(
         ("affine", pa.list_(pa.float64())),
     ]
 )
+NOTE_TYPE = pa.struct([("name", pa.string()), ("reason", pa.string())])
 TIMINGS_TYPE = pa.struct([(name, pa.float64()) for name in STAGES])
 DECODED_TYPE = pa.struct(
     [
@@ -105,6 +110,7 @@ ROW_SCHEMA = pa.schema(
         (STATUS, pa.string()),
         (ERROR, pa.string()),
         (TIMINGS, TIMINGS_TYPE),
+        (NOTES, pa.list_(NOTE_TYPE)),
     ]
 )
 
@@ -119,6 +125,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("faces", pa.int64()),  # faces restored and pasted back
         ("faces_found", pa.int64()),
         ("seconds", TIMINGS_TYPE),
+        (NOTES, pa.list_(NOTE_TYPE)),  # end rows: members of the unit not carried (unsafe keys, ...)
     ]
 )
 """What reaches the driver: one small row per staged part (and one per unit end), never one per sample."""

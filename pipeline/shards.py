@@ -162,6 +162,7 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     parts, every = _list_parts(staging, options)
     chain = cover(parts, expected_count, unit.name)
     final_uri = unit.output_uri(dst)
+    storage.remove_stale_temps(final_uri)  # a commit killed mid-write left a full-size temp file here
     digest = hashlib.sha256()
     size = 0
     with AtomicWriter(final_uri, options=options) as out:
@@ -178,7 +179,8 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
             size += len(tail)
     marker = dict(stats)
     marker.update({"unit": unit.name, "output": final_uri, "count": expected_count, "bytes": size,
-                   "sha256": digest.hexdigest(), "parts": len(chain), "config_hash": config_hash})
+                   "sha256": digest.hexdigest(), "parts": len(chain), "config_hash": config_hash,
+                   "input": unit.input})
     storage.write_json_atomic(unit.marker_uri(dst), marker, options=options)  # the commit point
     storage.delete_many(every, options=options)
     _prune_local_dirs(staging)
@@ -234,6 +236,10 @@ def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bo
             return u.name, "todo"
         if marker.get("config_hash") != config_hash:
             return u.name, "conflict"
+        if u.input and marker.get("input") and marker["input"] != u.input:
+            log.warning("%s: its input changed since it was committed (%s, now %s); redoing it", u.name,
+                        marker["input"], u.input)
+            return u.name, "todo"
         out = listing.get(u.output_uri(dst))
         if out is None:
             log.warning("%s: marker present but %s is gone; redoing it", u.name, u.output_uri(dst))

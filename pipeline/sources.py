@@ -10,16 +10,20 @@ webdataset itself uses, so a pattern means here what it means to ``wds.WebDatase
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from braceexpand import braceexpand
 
 from pipeline import storage
-from pipeline.storage import StorageOptions
+from pipeline.storage import ObjectInfo, StorageOptions
 from pipeline.wds import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -61,44 +65,51 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(out + r"\Z")
 
 
-def _expand_one(uri: str, suffixes: tuple[str, ...], options: StorageOptions | None) -> list[str]:
-    def keep(name: str) -> bool:
-        return name.lower().endswith(suffixes)
+def _local_info(path: str) -> ObjectInfo:
+    st = os.stat(path)
+    return ObjectInfo(os.path.abspath(path), st.st_size, str(st.st_mtime_ns))
 
+
+def _s3_info(bucket: str, obj: dict[str, Any]) -> ObjectInfo:
+    etag = str(obj.get("ETag", "")).strip('"')
+    return ObjectInfo(f"{storage.S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), etag)
+
+
+def _expand_one(uri: str, keep: Callable[[str], bool], options: StorageOptions | None) -> list[ObjectInfo]:
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)
         m = _GLOB_CHARS.search(key)
         if m:
-            literal = key[: m.start()]
             rx = _glob_regex(key)
-            return [
-                f"{storage.S3_SCHEME}{bucket}/{k}"
-                for k, _ in storage.iter_s3_keys(bucket, literal, options)
-                if rx.match(k) and keep(k)
-            ]
-        if keep(key) and storage.exists(uri, options=options):
-            return [uri]
+            return [_s3_info(bucket, o) for o in storage.iter_s3_objects(bucket, key[: m.start()], options)
+                    if rx.match(o["Key"]) and keep(o["Key"])]
+        if keep(key):
+            info = storage.stat(uri, options=options)
+            if info is not None:
+                return [info]
         prefix = key if (key == "" or key.endswith("/")) else key + "/"
-        keys = storage.iter_s3_keys(bucket, prefix, options)
-        found = [f"{storage.S3_SCHEME}{bucket}/{k}" for k, _ in keys if keep(k)]
+        found = [_s3_info(bucket, o) for o in storage.iter_s3_objects(bucket, prefix, options) if keep(o["Key"])]
         if not found and keep(key):
             raise FileNotFoundError(f"no such object: {uri}")
         return found
     path = uri.removeprefix("file://")
     if _GLOB_CHARS.search(path):
-        return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
+        return [_local_info(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
     p = Path(path)
     if p.is_dir():
-        return [os.path.abspath(q) for q in p.rglob("*") if q.is_file() and keep(q.name)]
+        return [_local_info(str(q)) for q in p.rglob("*") if q.is_file() and keep(q.name)]
     if p.is_file():
-        return [os.path.abspath(p)]
+        return [_local_info(str(p))]
     raise FileNotFoundError(f"no such file or directory: {uri}")
 
 
-def expand_sources(
+COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+def expand_source_objects(
     spec: str | Sequence[str], *, suffixes: Sequence[str] = (".tar",), options: StorageOptions | None = None
-) -> list[str]:
-    """Input shards named by ``spec`` -> sorted, de-duplicated URIs of files ending in ``suffixes``.
+) -> list[ObjectInfo]:
+    """Input shards named by ``spec`` -> sorted, de-duplicated objects (URI, size, version) ending in ``suffixes``.
 
     ``spec`` is one pattern or a list of them. Each pattern is brace-expanded first
     (``shards-{000..009}.tar``, ``{train,val}/``), then each result is:
@@ -108,15 +119,35 @@ def expand_sources(
     * a glob (``*``, ``?``, ``[..]``, ``**``): matched against local paths or S3 keys
       (``*`` does not cross ``/``; ``**`` does).
 
-    Local results are absolute paths; S3 results are ``s3://bucket/key``.
+    Local results are absolute paths; S3 results are ``s3://bucket/key``. Sizes and versions (S3 ETag, local
+    mtime) come from the same listing: a rerun compares them with what the unit's marker recorded. Compressed
+    shards (``.tar.gz`` ...) that the patterns match are not inputs: a warning names how many were left out.
     """
     patterns = [spec] if isinstance(spec, str) else list(spec)
     sfx = tuple(s.lower() for s in suffixes)
-    found: set[str] = set()
+    found: dict[str, ObjectInfo] = {}
+    compressed: set[str] = set()
+
+    def keep(name: str) -> bool:
+        low = name.lower()
+        if low.endswith(COMPRESSED_SHARDS):
+            compressed.add(name)
+        return low.endswith(sfx)
+
     for pattern in patterns:
         for uri in expand_braces(pattern):
-            found.update(_expand_one(uri, sfx, options))
-    return sorted(found)
+            found.update((o.uri, o) for o in _expand_one(uri, keep, options))
+    if compressed:
+        log.warning("%d compressed shard(s) (e.g. %s) were left out: dr2 reads uncompressed .tar shards; "
+                    "decompress them first (gunzip keeps the .tar)", len(compressed), sorted(compressed)[0])
+    return [found[u] for u in sorted(found)]
+
+
+def expand_sources(
+    spec: str | Sequence[str], *, suffixes: Sequence[str] = (".tar",), options: StorageOptions | None = None
+) -> list[str]:
+    """The URIs of :func:`expand_source_objects`."""
+    return [o.uri for o in expand_source_objects(spec, suffixes=suffixes, options=options)]
 
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
@@ -125,22 +156,30 @@ INTERNAL_DIRS = ("_dr2", "_dr2_staging")
 """Directories the pipeline writes next to its outputs; never listed as inputs."""
 
 
-def list_images(
+def list_image_objects(
     root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
-) -> list[str]:
-    """Relative POSIX paths of the images under a local folder or S3 prefix (recursive, sorted).
+) -> list[tuple[str, ObjectInfo]]:
+    """(relative POSIX path, object) of the images under a local folder or S3 prefix (recursive, sorted).
 
     Suffixes match case-insensitively. The pipeline's own ``_dr2*`` directories are skipped.
     """
     sfx = tuple(s.lower() for s in suffixes)
     root = root_uri.rstrip("/")
+    out: list[tuple[str, ObjectInfo]] = []
     if storage.is_s3(root_uri):
         bucket, prefix = storage.split_s3(root + "/")
         prefix = "" if prefix == "/" else prefix
-        rels = [k[len(prefix) :] for k, _ in storage.iter_s3_keys(bucket, prefix, options)]
+        out = [(o["Key"][len(prefix):], _s3_info(bucket, o)) for o in storage.iter_s3_objects(bucket, prefix, options)]
     else:
         base = storage.local_path(root_uri)
         if not base.is_dir():
             raise FileNotFoundError(f"no such directory: {root_uri}")
-        rels = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
-    return sorted(r for r in rels if r.lower().endswith(sfx) and r.split("/", 1)[0] not in INTERNAL_DIRS)
+        out = [(p.relative_to(base).as_posix(), _local_info(str(p))) for p in base.rglob("*") if p.is_file()]
+    return sorted((r, o) for r, o in out if r.lower().endswith(sfx) and r.split("/", 1)[0] not in INTERNAL_DIRS)
+
+
+def list_images(
+    root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
+) -> list[str]:
+    """Relative POSIX paths of :func:`list_image_objects`."""
+    return [r for r, _ in list_image_objects(root_uri, suffixes, options=options)]

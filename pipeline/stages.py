@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,7 @@ from pipeline import schema as S
 from pipeline import shards, storage
 from pipeline.config import PipelineConfig
 from pipeline.units import Unit, UnitKind
-from pipeline.wds import Sample, ShardReadError, encode_tar_part, iter_tar_samples, pick_image_member
+from pipeline.wds import MemberNote, Sample, ShardReadError, encode_tar_part, iter_tar_samples, pick_image_member
 
 if TYPE_CHECKING:
     from dr2.restorer import FaceRestorer
@@ -57,11 +58,18 @@ FACE_SIZE = 512  # the aligned-face size (dr2.restorer.FACE_SIZE), here without 
 # --------------------------------------------------------------------------------------------- helpers
 
 
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` without object addresses (``<_io.BytesIO object at 0x7f...>``), which differ between runs and
+    would make outputs differ (dr2.json carries error texts)."""
+    return _ADDRESS.sub("", text)
+
+
 def error_text(e: BaseException) -> str:
     """A readable, deterministic error text: the exception type and message, with no object addresses."""
-    import re
-
-    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
+    text = scrub(str(e))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -77,7 +85,7 @@ def guarded(status: list[str], error: list[str], i: int, on_error: S.Status, fn:
     try:
         return fn(*args)
     except ImageError as e:
-        status[i], error[i] = e.status.value, str(e)
+        status[i], error[i] = e.status.value, scrub(str(e))
     except Exception as e:  # noqa: BLE001 - a row status is the point: one bad image must not stop the job
         log.warning("%s on row %d: %s", on_error.value, i, e, exc_info=True)
         status[i], error[i] = on_error.value, error_text(e)
@@ -118,7 +126,7 @@ class _BlockBuilder:
     """Accumulates read rows column by column; ``full`` once a block's row or byte budget is reached."""
 
     NAMES = (S.KEY, S.UNIT, S.INDEX, S.UNIT_SIZE, S.IMAGE_MEMBER, S.IMAGE, S.MEMBER_NAMES, S.MEMBER_DATA, S.STATUS,
-             S.ERROR)
+             S.ERROR, S.NOTES)
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.max_rows = cfg.rows_per_block
@@ -130,7 +138,8 @@ class _BlockBuilder:
         self.bytes = 0
 
     def add(self, *, key: str, unit: str, index: int, image_member: str | None, image: bytes | None,
-            members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None) -> None:
+            members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None,
+            notes: Sequence[MemberNote] = ()) -> None:
         c = self.cols
         c[S.KEY].append(key)
         c[S.UNIT].append(unit)
@@ -142,6 +151,7 @@ class _BlockBuilder:
         c[S.MEMBER_DATA].append([d for _, d in members])
         c[S.STATUS].append(status)
         c[S.ERROR].append(error)
+        c[S.NOTES].append([{"name": n.name, "reason": n.reason} for n in notes] or None)
         self.bytes += sum(len(d) for _, d in members) + (len(image) if image else 0)
 
     def __len__(self) -> int:
@@ -176,6 +186,7 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     block = _BlockBuilder(cfg)
     pending = S.Status.PENDING.value
     n, error, t0 = 0, "", time.perf_counter()
+    unit_notes: list[MemberNote] = []
     if unit.kind is UnitKind.IMAGES:  # the key is the relative path
         for n, rel in enumerate(unit.images):
             suffix = rel.rsplit(".", 1)[-1].lower()
@@ -187,11 +198,11 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
         n = len(unit.images)
     else:
         try:
-            for sample in iter_tar_samples(unit.source, options=options):
+            for sample in iter_tar_samples(unit.source, options=options, on_note=unit_notes.append):
                 member, image, members = _sample_fields(sample)
                 block.add(key=sample.key, unit=unit.name, index=n, image_member=member, image=image, members=members,
                           status=pending if image is not None else S.Status.NO_IMAGE.value,
-                          error="" if image is not None else "sample has no image member")
+                          error="" if image is not None else "sample has no image member", notes=sample.notes)
                 n += 1
                 if block.full:
                     yield block.take()
@@ -202,10 +213,10 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
                 member, image, members = _sample_fields(e.partial)
                 block.add(key=e.partial.key, unit=unit.name, index=n, image_member=member, image=image,
                           members=members, status=S.Status.TRUNCATED.value,
-                          error=f"sample cut off by a damaged shard: {e.reason}")
+                          error=f"sample cut off by a damaged shard: {e.reason}", notes=e.partial.notes)
                 n += 1
     block.add(key="", unit=unit.name, index=S.END_INDEX, image_member=None, image=None, members=[], status=pending,
-              error=error, unit_size=n)
+              error=error, unit_size=n, notes=unit_notes)
     table = block.take()
     timings = [None] * (table.num_rows - 1) + [{**S.empty_timings(), "read": time.perf_counter() - t0}]
     yield _replace(table, {S.TIMINGS: timings})
@@ -411,7 +422,7 @@ def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> bytes:
 
 def sample_metadata(*, key: str, status: str, error: str, image_member: str | None,
                     faces: list[dict[str, Any]] | None, timings: dict[str, float] | None, cfg: PipelineConfig,
-                    model_info: dict[str, Any]) -> dict[str, Any]:
+                    model_info: dict[str, Any], notes: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The ``dr2.json`` member of a sample. Deterministic unless ``record_timings`` is set."""
     shown = status in (S.Status.OK.value, S.Status.RESTORE_ERROR.value, S.Status.ENCODE_ERROR.value)
     meta: dict[str, Any] = {
@@ -427,6 +438,8 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
         "restorer": cfg.restorer.value,
         "models": model_info,
     }
+    if notes:
+        meta["skipped_members"] = notes
     if cfg.record_timings and timings is not None:
         meta["timings"] = {k: round(v, 6) for k, v in timings.items() if v}
     return meta
@@ -463,13 +476,13 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
     unit_names = _column(table, S.UNIT)
     index = table.column(S.INDEX).to_numpy()
     keys, members = _column(table, S.KEY), _column(table, S.IMAGE_MEMBER)
-    faces = _column(table, S.FACES)
+    faces, notes = _column(table, S.FACES), _column(table, S.NOTES)
     summaries: list[dict[str, Any]] = []
     for name, first, run in _runs(unit_names, index):
         unit = Unit(name=name, kind=kind, source="")  # staging and output names need only kind and name
         t0 = time.perf_counter()
         metas = [sample_metadata(key=keys[r], status=status[r], error=error[r], image_member=members[r], faces=faces[r],
-                                 timings=timings[r], cfg=cfg, model_info=model_info) for r in run]
+                                 timings=timings[r], cfg=cfg, model_info=model_info, notes=notes[r]) for r in run]
         if unit.kind is UnitKind.SHARD:
             data = encode_tar_part(_output_samples(table, run, output, metas))
         else:
@@ -486,13 +499,13 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
             S.UNIT: name, "first": first, "last": first + len(run) - 1, S.UNIT_SIZE: None, S.ERROR: "",
             "statuses": sorted(statuses.items()),
             "faces": sum(len(faces[r] or []) for r in run if status[r] == S.Status.OK.value),
-            "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds,
+            "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds, S.NOTES: None,
         })
     for end in np.flatnonzero(index == S.END_INDEX):
         r = int(end)
         summaries.append({S.UNIT: unit_names[r], "first": -1, "last": -1,
                           S.UNIT_SIZE: table.column(S.UNIT_SIZE)[r].as_py(), S.ERROR: error[r], "statuses": [],
-                          "faces": 0, "faces_found": 0, "seconds": timings[r]})
+                          "faces": 0, "faces_found": 0, "seconds": timings[r], S.NOTES: notes[r]})
     return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
 
 

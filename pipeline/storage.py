@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -239,7 +240,7 @@ class ObjectInfo:
     version: str
 
 
-def _iter_s3_objects(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[dict[str, Any]]:
+def iter_s3_objects(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[dict[str, Any]]:
     """Every object under ``prefix`` as boto3 returns it, following continuation tokens page by page."""
     opts = options or DEFAULT_OPTIONS
     client = s3_client(opts)
@@ -255,7 +256,7 @@ def _iter_s3_objects(bucket: str, prefix: str, options: StorageOptions | None) -
 
 def iter_s3_keys(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[tuple[str, int]]:
     """(key, size) of every object under ``prefix``."""
-    for obj in _iter_s3_objects(bucket, prefix, options):
+    for obj in iter_s3_objects(bucket, prefix, options):
         yield obj["Key"], int(obj["Size"])
 
 
@@ -269,7 +270,7 @@ def list_objects(uri: str, *, options: StorageOptions | None = None) -> list[Obj
         bucket, prefix = split_s3(uri)
         return sorted(
             (ObjectInfo(f"{S3_SCHEME}{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")).strip('"'))
-             for o in _iter_s3_objects(bucket, prefix, options)),
+             for o in iter_s3_objects(bucket, prefix, options)),
             key=lambda o: o.uri,
         )
     out = []
@@ -426,6 +427,23 @@ def sha256_of(uri: str, *, options: StorageOptions | None = None) -> str:
         while chunk := f.read(8 * MiB):
             h.update(chunk)
     return h.hexdigest()
+
+
+def stat(uri: str, *, options: StorageOptions | None = None) -> ObjectInfo | None:
+    """Size and version stamp of one object (None when missing), as :func:`list_objects` gives them."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client(options)
+        try:
+            head = _s3_call(uri, "check", lambda: client.head_object(Bucket=bucket, Key=key), options)
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
+    try:
+        st = os.stat(local_path(uri))
+    except FileNotFoundError:
+        return None
+    return ObjectInfo(os.path.abspath(local_path(uri)), st.st_size, str(st.st_mtime_ns))
 
 
 def exists(uri: str, *, options: StorageOptions | None = None) -> bool:
@@ -623,6 +641,19 @@ class AtomicWriter:
             self._tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(local_path(self.uri).parent)
+
+
+def remove_stale_temps(uri: str) -> int:
+    """Delete the temp files that killed :class:`AtomicWriter` writes of ``uri`` left beside it (local only: an
+    S3 upload that never completed leaves no object). Call it only while no one else writes ``uri``."""
+    if is_s3(uri):
+        return 0
+    final = local_path(uri)
+    n = 0
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 def _fsync_dir(path: Path) -> None:

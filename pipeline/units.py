@@ -15,6 +15,7 @@ A :class:`Unit` knows everything about where its data lives, so no other module 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,6 +47,10 @@ class Unit:
     kind: UnitKind
     source: str
     images: tuple[str, ...] = ()
+    input: str = ""
+    """The identity of the unit's input as listed at planning: ``size:version`` of a shard (S3 ETag or local
+    mtime), or a hash over its images' paths, sizes and versions. Recorded in the marker; a rerun that lists a
+    different identity redoes the unit (the input changed, or images were added to or removed from a chunk)."""
 
     @property
     def id(self) -> str:
@@ -78,13 +83,44 @@ class Unit:
 
     def to_item(self) -> dict[str, Any]:
         """A plain dict for Ray's ``from_items`` (one row per unit)."""
-        return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images)}
+        return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images),
+                "input": self.input}
 
     @staticmethod
     def from_item(item: dict[str, Any]) -> Unit:
         return Unit(name=str(item["name"]), kind=UnitKind(item["kind"]), source=str(item["source"]),
-                    images=tuple(str(x) for x in (item.get("images") or ())))
+                    images=tuple(str(x) for x in (item.get("images") or ())), input=str(item.get("input") or ""))
 
 
 def chunk_name(n: int) -> str:
     return f"{CHUNK_PREFIX}{n:06d}"
+
+
+def shard_unit(name: str, info: storage.ObjectInfo) -> Unit:
+    """The unit of one input shard; ``name`` its path relative to the source root, refused when it would
+    leave DST (absolute, or ``..`` after normalising: an S3 key may hold ``a/../../x.tar``)."""
+    norm = posixpath.normpath(name)
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in norm or "\0" in norm:
+        raise ValueError(f"shard {info.uri!r} would be written outside DST as {name!r}: rename it")
+    return Unit(name=norm, kind=UnitKind.SHARD, source=info.uri, input=f"{info.size}:{info.version}")
+
+
+def chunk_of(rel: str, chunks: int) -> int:
+    """The chunk a plain image belongs to: a stable hash of its relative path, so that adding or removing images
+    never moves another image to another chunk (membership by position in a listing would)."""
+    return int.from_bytes(hashlib.sha256(rel.encode("utf-8", "surrogateescape")).digest()[:8], "big") % chunks
+
+
+def image_chunks(root: str, images: list[tuple[str, storage.ObjectInfo]], chunks: int) -> list[Unit]:
+    """Plain images grouped into ``chunks`` stable chunks (empty ones left out), each sorted by path."""
+    groups: dict[int, list[tuple[str, storage.ObjectInfo]]] = {}
+    for rel, info in images:
+        groups.setdefault(chunk_of(rel, chunks), []).append((rel, info))
+    units = []
+    for n in sorted(groups):
+        members = sorted(groups[n], key=lambda x: x[0])
+        identity = hashlib.sha256("".join(f"{r}\t{o.size}\t{o.version}\n" for r, o in members).encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        units.append(Unit(name=chunk_name(n), kind=UnitKind.IMAGES, source=root,
+                          images=tuple(r for r, _ in members), input=identity))
+    return units

@@ -61,9 +61,9 @@ def build_archive(root: Path) -> dict[str, list[tuple[str, str]]]:
     data = (root / "shard-002.tar").read_bytes()
     cut = data.rfind(b"g2.png") + 512 + 4000  # past g2.png's header, inside its data
     (root / "shard-002.tar").write_bytes(data[:cut])
-    # g1 is complete on disk, but the reader cannot know that no member of g1 follows: it is passed through
-    # as "truncated"; g2's only member is cut, so nothing of it can be kept.
-    expected["shard-002.tar"] = [("g0", "no_face"), ("g1", "truncated")]
+    # g1 is complete: g2's header began after it, so no member of g1 can follow. g2's only member is cut: its key
+    # is still accounted for, as a "truncated" sample holding no member (its dr2.json says what happened).
+    expected["shard-002.tar"] = [("g0", "no_face"), ("g1", "no_face"), ("g2", "truncated")]
     return expected
 
 

@@ -56,7 +56,7 @@ def first_run(archive: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactor
 def test_every_sample_once_same_order_members_kept(archive, first_run) -> None:
     src, expected = archive
     dst, summary = first_run
-    assert summary.units_done == 3 and summary.samples == 8
+    assert summary.units_done == 3 and summary.samples == 9
     for shard, want in expected.items():
         inputs = {s["__key__"]: s for s in read_input(src / shard)}
         assert_shard_matches_input(read_shard(dst / shard), inputs, want, shard)
@@ -89,7 +89,7 @@ def test_stats_marker_counts(first_run) -> None:
     assert stats["statuses"] == {"ok": 1, "no_face": 1, "decode_error": 1, "no_image": 1}
     assert stats["faces"] >= 1 and stats["config_hash"]
     damaged = json.loads((dst / "shard-002.stats.json").read_text())
-    assert damaged["samples"] == 2 and "truncated" in damaged["read_error"]
+    assert damaged["samples"] == 3 and "truncated" in damaged["read_error"]
     resolved = json.loads((dst / "_dr2" / "config.json").read_text())
     assert resolved["config"]["tau"] == 2 and resolved["config_hash"] == stats["config_hash"]
     assert not list(dst.glob("_dr2_staging/**/*.part"))  # parts are gone once committed
@@ -145,7 +145,9 @@ def test_plain_images_mirror_paths_with_manifests(tmp_path) -> None:
     (src / "bad.jpg").write_bytes(b"\xff\xd8 not really")
     dst = tmp_path / "restored"
     summary = run_restore(dataclasses.replace(config(src, dst), src=str(src), images_per_chunk=2))
-    assert summary.units_done == 2 and summary.samples == 3
+    layout = json.loads((dst / "_dr2" / "layout.json").read_text())
+    assert layout == {"chunks": 2}  # 3 images, 2 per chunk; images are hashed into chunks by path
+    assert 1 <= summary.units_done <= 2 and summary.samples == 3
     assert (dst / "2024" / "trip" / "astro.jpg").is_file() and (dst / "2024" / "plain.png").is_file()
     assert (dst / "bad.jpg").read_bytes() == (src / "bad.jpg").read_bytes()
     assert not (dst / "notes.txt").exists()
@@ -153,4 +155,40 @@ def test_plain_images_mirror_paths_with_manifests(tmp_path) -> None:
              for line in p.read_text().splitlines()]
     assert {m["key"]: m["status"] for m in lines} == {
         "2024/plain.png": "no_face", "2024/trip/astro.jpg": "ok", "bad.jpg": "decode_error"}
-    assert len(list((dst / "_dr2" / "manifests").glob("*.stats.json"))) == 2
+    assert len(list((dst / "_dr2" / "manifests").glob("*.stats.json"))) == summary.units_done
+
+
+def test_growing_image_folder_stays_exact(tmp_path) -> None:
+    """Images added (one sorting first), changed and removed between runs: the rerun redoes only the chunks whose
+    membership or inputs changed, writes the new image, and no image is listed in two manifests or lost."""
+    from tests.jobs.archive import encode, no_face_image
+
+    src, dst = tmp_path / "photos", tmp_path / "restored"
+    src.mkdir()
+    for i in range(12):
+        (src / f"img{i:02d}.png").write_bytes(encode(no_face_image(i)[:40, :40], "PNG"))
+    cfg = dataclasses.replace(config(src, dst), src=str(src), images_per_chunk=3, restorer=RestorerKind.PASSTHROUGH)
+    first = run_restore(cfg)
+    assert first.samples == 12
+
+    def manifests() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for p in sorted((dst / "_dr2" / "manifests").glob("*.jsonl")):
+            for line in p.read_text().splitlines():
+                out.setdefault(json.loads(line)["key"], []).append(p.name)
+        return out
+
+    before = manifests()
+    (src / "000-new.png").write_bytes(encode(no_face_image(99)[:40, :40], "PNG"))  # sorts first
+    (src / "img05.png").write_bytes(encode(no_face_image(55)[:40, :40], "PNG"))  # changed
+    (src / "img07.png").unlink()  # removed
+    second = run_restore(cfg)
+    after = manifests()
+    assert sorted(after) == sorted([k for k in before if k != "img07.png"] + ["000-new.png"])
+    assert all(len(v) == 1 for v in after.values())  # never listed twice
+    assert (dst / "000-new.png").read_bytes() == (src / "000-new.png").read_bytes()
+    assert (dst / "img05.png").read_bytes() == (src / "img05.png").read_bytes()
+    changed = {before[k][0] for k in ("img05.png", "img07.png")} | {after["000-new.png"][0]}
+    assert second.units_done == len(changed) and second.units_skipped == second.units_total - len(changed)
+    for k, v in after.items():  # every image kept its chunk
+        assert k not in before or before[k] == v
