@@ -27,6 +27,7 @@ The network has no output activation and no clamp: (B, 3, S, S) in [-1, 1] -> (B
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -139,7 +140,10 @@ class SpectralNormConv2d(nn.Module):
         """weight_orig / sigma, computed in float32 even under autocast (sigma is a tiny dot product)."""
         if self.training:
             self.power_iteration_(1)
-        with torch.autocast(device_type=self.weight_orig.device.type, enabled=False):
+        device_type = self.weight_orig.device.type
+        # "meta" (memory estimates, dr2.memory) has no autocast to turn off
+        autocast_off = torch.amp.is_autocast_available(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast_off else nullcontext():
             w_mat = self.weight_orig.reshape(self.weight_orig.shape[0], -1)  # (out, in*k*k)
             sigma = torch.dot(self.weight_u, torch.mv(w_mat, self.weight_v))
             return self.weight_orig / sigma

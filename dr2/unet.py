@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,12 @@ from torch.utils.checkpoint import checkpoint
 from dr2.configs import check_known_keys
 
 GROUPS = 32  # GroupNorm groups of every normalisation layer (official ``normalization``)
+
+# How attention is evaluated; not part of the architecture (no weights, not in config.json).
+# "math": the official explicit einsum/softmax/einsum (the reference numerics, fp32 softmax);
+# "sdpa": torch's fused ``scaled_dot_product_attention`` (flash/memory-efficient kernels on CUDA). Both compute
+# softmax(q k^T / sqrt(ch)) v; they differ by float rounding only (measured in tests/dr2/test_unet.py).
+AttentionImpl = Literal["math", "sdpa"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,6 +312,20 @@ def _qkv_attention(qkv: Tensor, n_heads: int) -> Tensor:
     return a.reshape(bs, -1, length)
 
 
+def _sdpa_qkv_attention(qkv: Tensor, n_heads: int, *, legacy: bool) -> Tensor:
+    """The same attention as :func:`_legacy_qkv_attention` (``legacy``) or :func:`_qkv_attention`, through
+    ``F.scaled_dot_product_attention`` (scale 1/sqrt(ch), applied once inside the kernel instead of ch^-1/4 on
+    q and k). qkv (B, 3*H*ch, T) -> (B, H*ch, T)."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * n_heads)
+    if legacy:  # per head [q; k; v] blocks
+        q, k, v = qkv.reshape(bs, n_heads, 3 * ch, length).split(ch, dim=2)  # (B, H, ch, T) each
+    else:  # q, k, v blocks, each split into heads
+        q, k, v = (part.reshape(bs, n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+    a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # (B,H,T,ch)
+    return a.transpose(-1, -2).reshape(bs, n_heads * ch, length)
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions: GN, 1x1 conv1d to 3C, multi-head attention, 1x1 conv1d, residual."""
 
@@ -328,6 +348,7 @@ class AttentionBlock(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"channels {channels} not divisible by {self.num_heads} heads")
         self.use_new_attention_order = use_new_attention_order
+        self.attention_impl: AttentionImpl = "math"  # set by UNetModel.set_attention; not a weight
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
@@ -336,8 +357,13 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # (B, C, T)
         qkv = self.qkv(self.norm(x))  # (B, 3C, T)
-        attend = _qkv_attention if self.use_new_attention_order else _legacy_qkv_attention
-        h = self.proj_out(attend(qkv, self.num_heads))  # (B, C, T)
+        if self.attention_impl == "sdpa":
+            a = _sdpa_qkv_attention(qkv, self.num_heads, legacy=not self.use_new_attention_order)
+        elif self.use_new_attention_order:
+            a = _qkv_attention(qkv, self.num_heads)
+        else:
+            a = _legacy_qkv_attention(qkv, self.num_heads)
+        h = self.proj_out(a)  # (B, C, T)
         return (x + h).reshape(b, c, *spatial)
 
 
@@ -417,6 +443,15 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(_conv(c.dims, input_ch, c.out_channels, 3, padding=1)))
+
+    def set_attention(self, impl: AttentionImpl) -> UNetModel:
+        """Evaluate every attention block with ``impl`` ("math": official explicit path, the default; "sdpa")."""
+        if impl not in ("math", "sdpa"):
+            raise ValueError(f"attention must be 'math' or 'sdpa', got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.attention_impl = impl
+        return self
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
         """x (B, C_in, H, W); timesteps (B,) original steps; y (B,) class labels iff ``num_classes`` is set."""
