@@ -3,14 +3,17 @@
 ``FaceRestorer`` is the contract: a batch of aligned faces in, the same number of restored faces out,
 uint8 RGB, (B, 512, 512, 3). ``PassthroughRestorer`` returns the faces unchanged, so a user can check
 detection and alignment on their data before spending GPU time. ``DR2Restorer`` (below) runs the
-official face path: 512 -> DDPM size -> DR2 -> enhancer -> 512.
+official face path: 512 -> DDPM size -> DR2 -> enhancer -> 512. ``restore_stages`` also returns the DR2 output
+before the enhancer, for side-by-side reports. :func:`suggest_batch_size` (from :mod:`dr2.memory`) sizes the
+fixed restore batch from the free device memory the caller measured.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,10 +22,24 @@ from torch import Tensor, nn
 
 from dr2.diffusion import SpacedDiffusion
 from dr2.lowpass import LowPass
+from dr2.memory import Precision, suggest_batch_size
 from dr2.sampling import KeyedNoise, dr2_sample
 from dr2.sparnet import SPARNetConfig, SPARNetHD
-from dr2.unet import UNetConfig, UNetModel
+from dr2.unet import AttentionImpl, UNetConfig, UNetModel
 from dr2.weights import ModelKind, load_model_dir
+
+__all__ = [
+    "FACE_SIZE",
+    "DR2Restorer",
+    "FaceRestorer",
+    "PassthroughRestorer",
+    "Precision",
+    "bicubic_resize",
+    "pil_bicubic_uint8",
+    "suggest_batch_size",
+    "uint8_to_unit",
+    "unit_to_uint8",
+]
 
 FACE_SIZE = 512  # aligned faces are always 512x512 (the FFHQ template); the models' sizes come from configs
 
@@ -41,6 +58,11 @@ class FaceRestorer(Protocol):
         """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB."""
         ...
 
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+        """``{"dr2": the output before the enhancer, "enhanced": what restore() returns}``, each (B, 512, 512, 3)
+        uint8 RGB; "enhanced" is byte-identical to :meth:`restore` on the same input."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity of the models (names, configs, weight checksums)."""
         ...
@@ -55,6 +77,10 @@ class PassthroughRestorer:
         _check_faces(faces, keys)
         return faces.copy()
 
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+        _check_faces(faces, keys)
+        return {"dr2": faces.copy(), "enhanced": faces.copy()}
+
     def describe(self) -> dict[str, Any]:
         return {"restorer": self.name}
 
@@ -66,7 +92,8 @@ def _check_faces(faces: np.ndarray, keys: Sequence[str]) -> None:
         raise ValueError(f"got {len(keys)} keys for {faces.shape[0]} faces")
 
 
-Precision = Literal["fp32", "bf16", "fp16"]
+AttentionChoice = Literal["auto", "math", "sdpa"]
+ModelT = TypeVar("ModelT", bound=nn.Module)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,8 +105,13 @@ def uint8_to_unit(faces: np.ndarray, device: torch.device) -> Tensor:
 
 def unit_to_uint8(x: Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 RGB, clamped and rounded to nearest."""
+    return _quantize(x).cpu().numpy()
+
+
+def _quantize(x: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, contiguous, on x's device."""
     y = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return y.permute(0, 2, 3, 1).contiguous()
 
 
 def bicubic_resize(x: Tensor, size: int) -> Tensor:
@@ -141,8 +173,23 @@ class DR2Restorer:
 
     Without an enhancer (``enhancer=None``) step 3 goes straight to 512 and step 4 is skipped.
 
-    ``precision``: "fp32" (default, the official numerics) or "bf16"/"fp16" autocast for the two networks,
-    on CUDA only. Resizing, the low-pass filter and the diffusion arithmetic stay float32.
+    ``precision``: "fp32" (default, the official numerics) or "bf16"/"fp16" autocast for the two networks, on
+    any device with autocast (CUDA; CPU too, where it is slow but lets tests measure the numerics). Resizing,
+    the low-pass filter, the diffusion arithmetic, GroupNorm, the attention softmax and the spectral norms stay
+    float32. Measured error against fp32 is stated in ``tests/dr2/test_fastpath.py``.
+
+    Speed options (keyword-only; their defaults keep the fp32 CPU outputs byte-identical to the reference path):
+
+    * ``attention``: "math" (the official explicit attention), "sdpa" (``scaled_dot_product_attention``), or
+      "auto" (default): "math" for fp32 on CPU, "sdpa" everywhere else.
+    * ``channels_last``: run both networks in NHWC memory format; None (default) = on CUDA only.
+    * ``compile``: ``torch.compile`` both networks for the fixed batch shape (``dynamic=False``; ``compile_mode``
+      is torch.compile's ``mode``, e.g. "reduce-overhead" for CUDA graphs, "max-autotune"). Off by default. The
+      cost is paid once per restorer, on its first batch (or in :meth:`warmup`, which returns the seconds).
+
+    On CUDA the faces go up through pinned host memory with non-blocking copies and come back the same way,
+    with one stream synchronisation per :meth:`restore` call; the sampling loop itself never synchronises
+    (every per-face generator lives on the device, schedule lookups are device gathers).
 
     ``omega``: DR2's start step; None takes the official rule from ``N`` and ``tau``
     (:func:`dr2.diffusion.default_omega`).
@@ -169,6 +216,10 @@ class DR2Restorer:
         model_info: dict[str, Any] | None = None,
         batch_size: int | None = 8,
         omega: int | None = None,
+        attention: AttentionChoice = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.omega = omega  # DR2's start step; None = the official rule from N and tau
@@ -177,14 +228,27 @@ class DR2Restorer:
         self.batch_size = batch_size
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-        if precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(
-                f"precision {precision!r} runs the networks under CUDA autocast; on {self.device.type} use 'fp32'"
-            )
+        if precision != "fp32" and not torch.amp.is_autocast_available(self.device.type):
+            raise ValueError(f"precision {precision!r} needs autocast, which {self.device.type} lacks; use 'fp32'")
         self.precision: Precision = precision
+        if attention not in ("auto", "math", "sdpa"):
+            raise ValueError(f"attention must be 'auto', 'math' or 'sdpa', got {attention!r}")
+        reference = self.device.type == "cpu" and precision == "fp32"
+        self.attention: AttentionImpl = ("math" if reference else "sdpa") if attention == "auto" else attention
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.seed = seed
-        self.unet = unet.to(self.device).eval()
-        self.enhancer = enhancer.to(self.device).eval() if enhancer is not None else None
+        self.unet = _placed(unet, self.device, self._memory_format).set_attention(self.attention)
+        self.enhancer = _placed(enhancer, self.device, self._memory_format) if enhancer is not None else None
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compile_seconds: float | None = None  # measured on the first chunk (or by warmup) when compiling
+        self._unet_fn: nn.Module = self.unet
+        self._enhancer_fn: nn.Module | None = self.enhancer
+        if compile:
+            self._unet_fn = torch.compile(self.unet, dynamic=False, mode=compile_mode)  # type: ignore[assignment]
+            if self.enhancer is not None:
+                self._enhancer_fn = torch.compile(self.enhancer, dynamic=False, mode=compile_mode)  # type: ignore[assignment]
         self.diffusion = diffusion if diffusion is not None else SpacedDiffusion()
         self.ddpm_size = unet.config.image_size
         self.enhancer_size = enhancer.config.size if enhancer is not None else FACE_SIZE
@@ -234,45 +298,107 @@ class DR2Restorer:
 
     def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> np.ndarray:
         """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB; B may be 0."""
-        return unit_to_uint8(self.restore_float(faces, keys, N=N, tau=tau))
+        return self._download(_quantize(self.restore_float(faces, keys, N=N, tau=tau)))
 
-    @torch.inference_mode()
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+        """``{"dr2": DR2's output x0_hat(x_tau) before the enhancer, bicubic to 512, "enhanced": the final faces}``,
+        each (B, 512, 512, 3) uint8 RGB; "enhanced" is byte-identical to :meth:`restore`. Without an enhancer
+        both are the same."""
+        dr2, enhanced = self._run(faces, keys, N=N, tau=tau, stages=True)
+        return {"dr2": self._download(_quantize(dr2)), "enhanced": self._download(_quantize(enhanced))}
+
     def restore_float(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> Tensor:
         """The path of :meth:`restore` before quantisation: (B, 3, 512, 512) float32 in [-1, 1], on ``device``."""
+        return self._run(faces, keys, N=N, tau=tau, stages=False)[1]
+
+    @torch.inference_mode()
+    def warmup(self, *, N: int, tau: int) -> float:
+        """Run one batch of grey faces (compiling the networks if ``compile``); returns its wall seconds, which
+        with ``compile`` is the one-off compile cost plus one batch. Outputs are not affected."""
+        faces = np.full((self.batch_size or 1, FACE_SIZE, FACE_SIZE, 3), 128, np.uint8)
+        t0 = time.perf_counter()
+        self.restore(faces, [f"warmup/{i}" for i in range(len(faces))], N=N, tau=tau)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _run(
+        self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int, stages: bool
+    ) -> tuple[Tensor, Tensor]:
+        """(dr2 stage or an empty tensor when not ``stages``, final), each (B, 3, 512, 512) float32 on device."""
         _check_faces(faces, keys)
         B = faces.shape[0]
         if B == 0:
-            return torch.empty((0, 3, FACE_SIZE, FACE_SIZE), device=self.device)
+            empty = torch.empty((0, 3, FACE_SIZE, FACE_SIZE), device=self.device)
+            return empty, empty
         chunk = self.batch_size or B
-        outs = []
+        dr2_outs, outs = [], []
         for start in range(0, B, chunk):
             part, part_keys = faces[start : start + chunk], list(keys[start : start + chunk])
             n = part.shape[0]
             if n < chunk:  # pad to the fixed shape; the padding rows' outputs are dropped
                 part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
                 part_keys += [f"{part_keys[-1]}\x00pad{j}" for j in range(chunk - n)]
-            outs.append(self._restore_chunk(part, part_keys, N=N, tau=tau)[:n])
-        return torch.cat(outs)  # (B, 3, 512, 512)
+            first = self.compile and self.compile_seconds is None
+            t0 = time.perf_counter()
+            x0, out = self._restore_chunk(part, part_keys, N=N, tau=tau)
+            if first:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # once per restorer, to time the compile honestly
+                self.compile_seconds = time.perf_counter() - t0
+            outs.append(out[:n])
+            if stages:
+                dr2_outs.append(bicubic_resize(x0[:n], FACE_SIZE).clamp(-1.0, 1.0))
+        dr2_all = torch.cat(dr2_outs) if stages else torch.empty(0, device=self.device)
+        return dr2_all, torch.cat(outs)  # (B, 3, 512, 512)
 
-    def _restore_chunk(self, faces: np.ndarray, keys: list[str], *, N: int, tau: int) -> Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, 512, 512)
+    def _restore_chunk(self, faces: np.ndarray, keys: list[str], *, N: int, tau: int) -> tuple[Tensor, Tensor]:
+        """One fixed-shape chunk -> (x0_hat at the DDPM size, final faces at 512), float32 on device."""
+        x = self._upload(faces).permute(0, 3, 1, 2)  # (B, 3, 512, 512) uint8
         y = pil_bicubic_uint8(x.float(), self.ddpm_size).div(127.5).sub(1.0)  # (B, 3, S_ddpm, S_ddpm) in [-1, 1]
+        if self.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        # else y keeps the strides the resize gives it (today's bytes: from the NHWC upload, channels-last-like)
         noise = KeyedNoise(keys, seed=self.seed, device=self.device)
         with self._autocast():
-            x0 = dr2_sample(self.unet, y, self.diffusion, N=N, tau=tau, omega=self.omega, noise=noise,
+            x0 = dr2_sample(self._unet_fn, y, self.diffusion, N=N, tau=tau, omega=self.omega, noise=noise,
                             lowpass=self._lowpass_for(N))
         x0 = x0.float().clamp(-1.0, 1.0)  # (B, 3, S_ddpm, S_ddpm)
         h = bicubic_resize(x0, self.enhancer_size)  # (B, 3, S_enh, S_enh)
-        if self.enhancer is not None:
+        if self._enhancer_fn is not None:
             with self._autocast():
-                h = self.enhancer(h)
+                h = self._enhancer_fn(h.contiguous(memory_format=torch.channels_last) if self.channels_last else h)
             h = h.float().clamp(-1.0, 1.0)
-        return bicubic_resize(h, FACE_SIZE).clamp(-1.0, 1.0)  # (B, 3, 512, 512)
+        return x0, bicubic_resize(h, FACE_SIZE).clamp(-1.0, 1.0)  # (B, 3, 512, 512)
+
+    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        """One UNet call exactly as the sampler makes it (precision, memory format, compiled or not):
+        x (B, 3, S, S) on device, t (B,) original steps -> (B, 6, S, S). For benchmarks."""
+        with torch.inference_mode(), self._autocast():
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out: Tensor = self._unet_fn(x, t)
+            return out
+
+    def _upload(self, faces: np.ndarray) -> Tensor:
+        """Host uint8 (B, H, W, 3) -> device; on CUDA through pinned memory, without blocking the host."""
+        x = torch.from_numpy(np.ascontiguousarray(faces))
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def _download(self, y: Tensor) -> np.ndarray:
+        """Device uint8 -> numpy; on CUDA a non-blocking copy into pinned memory and one stream sync."""
+        if self.device.type != "cuda":
+            return y.cpu().numpy()
+        host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        host.copy_(y, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy()
 
     def _autocast(self) -> torch.autocast:
         if self.precision == "fp32":
             return torch.autocast(device_type=self.device.type, enabled=False)
-        return torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[self.precision])
+        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
     def _lowpass_for(self, N: int) -> LowPass | None:
         if N <= 1 or self.ddpm_size % N:
@@ -298,9 +424,21 @@ class DR2Restorer:
             "seed": self.seed,
             "omega": self.omega,
             "batch_size": self.batch_size,
+            "attention": self.attention,
+            "channels_last": self.channels_last,
+            "compile": (self.compile_mode or "default") if self.compile else False,
             "noise": "KeyedNoise: torch.Generator per face, blake2b(f'{seed}:{key}')",
             "resize": "bicubic a=-0.5, antialiased (Pillow BICUBIC), float32",
         }
+
+
+def _placed(model: ModelT, device: torch.device, memory_format: torch.memory_format) -> ModelT:
+    """``model`` on ``device`` in eval mode, its 4-D weights in ``memory_format`` (what ``Module.to`` does with
+    ``memory_format=``, which torch's type stubs do not declare)."""
+    model = model.to(device).eval()
+    if memory_format is torch.channels_last:
+        model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    return model
 
 
 def _summary(info: dict[str, Any] | None, path: Path | None) -> dict[str, Any] | None:

@@ -288,3 +288,67 @@ def summary(results: list[FixtureResult]) -> dict[str, Any]:
         "passed": all(r.passed for r in results),
         "results": [asdict(r) for r in results],
     }
+
+
+# --- the same fixtures on another device or precision ------------------------------------------------------------
+
+# Bands for the device check, max|a - ref| / max|ref| against the official fp32 CPU arrays. fp32 is the CPU
+# tolerance with room for another summation order (GPU kernels); TF32 is switched off for the check.
+# bf16/fp16: measured on CPU autocast (torch 2.13), stated in tests/dr2/test_fastpath.py, about 2x margin:
+# UNet out bf16 1.35e-2, fp16 1.65e-3; SPARNetHD out bf16 1.20e-2, fp16 1.15e-3; trajectory out (replayed noise)
+# bf16 2.7e-3, fp16 4.0e-4. fp32 on CPU: 0, 0, 3e-7.
+DEVICE_BANDS: dict[str, dict[str, float]] = {
+    "fp32": {"unet": 1e-4, "sparnethd": 1e-4, "trajectory": 1e-4},
+    "bf16": {"unet": 3e-2, "sparnethd": 2.5e-2, "trajectory": 1e-2},
+    "fp16": {"unet": 4e-3, "sparnethd": 2.5e-3, "trajectory": 1e-3},
+}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def verify_on_device(dir: Path, *, device: torch.device | str, precision: str = "fp32") -> list[FixtureResult]:
+    """The model and trajectory fixtures run on ``device`` in ``precision`` (autocast as the restorer uses it,
+    attention through SDPA), compared with the official fp32 arrays within :data:`DEVICE_BANDS`."""
+    d, dev = Path(dir), torch.device(device)
+    bands = DEVICE_BANDS[precision]
+    tag = f"{dev.type}/{precision}"
+    results: list[FixtureResult] = []
+
+    def autocast() -> Any:
+        if precision == "fp32":
+            return torch.autocast(dev.type, enabled=False)
+        return torch.autocast(dev.type, dtype=_AUTOCAST[precision])
+
+    tf32_off = torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), tf32_off:
+            cfg = UNetConfig.from_dict(json.loads((d / "unet_small_config.json").read_text())["kwargs"])
+            unet = _load_via_import(d / "unet_small_weights.npz", ModelKind.DDPM, cfg).to(dev)
+            unet.set_attention("sdpa")  # type: ignore[operator]
+            io = _npz(d / "unet_small_io.npz")
+            with autocast():
+                out = unet(torch.from_numpy(io["x"]).to(dev), torch.from_numpy(io["t"]).to(dev))
+            results.append(_result(f"{tag}/unet_small/out", _rel(out.float(), io["out"]), bands["unet"]))
+
+            scfg = SPARNetConfig.from_dict(json.loads((d / "sparnethd_small_config.json").read_text())["kwargs"])
+            spar = _load_via_import(d / "sparnethd_small_weights.npz", ModelKind.SPARNETHD, scfg).to(dev)
+            sio = _npz(d / "sparnethd_small_io.npz")
+            with autocast():
+                sout = spar(torch.from_numpy(sio["x"]).to(dev))
+            results.append(_result(f"{tag}/sparnethd_small/out", _rel(sout.float(), sio["out"]), bands["sparnethd"]))
+
+            params = json.loads((d / "dr2_trajectory.json").read_text())["params"]
+            z = _npz(d / "dr2_trajectory.npz")
+            draws = [torch.from_numpy(z[k]).to(dev) for k in sorted(k for k in z if k.startswith("noise_"))]
+            y = torch.from_numpy(z["y"]).to(dev)
+            N = int(params["N"])
+            lowpass = LowPass(image_size=int(y.shape[-1]), N=N).to(dev) if N > 1 else None
+            with autocast():
+                x0 = dr2_sample(unet, y, SpacedDiffusion(section=tuple(params["section"])), N=N,
+                                tau=int(params["tau"]), omega=int(params["omega"]), noise=ReplayNoise(draws),
+                                lowpass=lowpass)
+            results.append(_result(f"{tag}/trajectory/out", _rel(x0.float(), z["out"]), bands["trajectory"]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    return results
