@@ -41,18 +41,18 @@ face as the output for its x2/x4/x8 degraded input, identity, Gaussian blur sigm
 with plausible failures (hue rotated 40/90 degrees, a (1.25, 1, 0.75) colour cast, uniform noise, another face,
 Gaussian blur sigma 4). Worst cases seen:
 
-* ``lowfreq_psnr >= 20 dB``. Restorations: min 24.6 at N=8, 21.2 at N=4, 19.2 at N=1 (all clean-for-x8; x4 and
-  milder >= 22.7). Failures: another face <= 18.6; noise <= 11.3 on the colour faces (<= 22.6 on gray LFW at
-  N=8); hue 40 on the colour faces 18.7 and 25.1; cast <= 21.0.
+* ``lowfreq_psnr >= 20 dB``. Restorations: min 29.7 at factor 16, 24.6 at 8, 21.2 at 4, 19.2 at 1 (all
+  clean-for-x8; x4 and milder >= 22.7). Failures: another face <= 19.3; noise <= 11.6 on the colour faces
+  (<= 23.3 on gray LFW at 16); hue 40 on the colour faces 18.7 to 25.2; cast <= 21.0.
 * ``delta_e <= 10``. Restorations: max 7.2 (Grace Hopper, clean for x8), <= 3.5 for x4 and milder. Failures:
   cast >= 19.3; hue 40 >= 15.7 on the colour faces; noise >= 6.9; another face >= 6.4.
 * ``0.2 <= sharpness_gain <= 1000``. Restorations: min 0.21 (blur sigma 1), max 124 (clean for x8). Failures:
   blur sigma 4 <= 0.31 (median 0.11); noise over a clean input 142 to 14764 (median 5298).
 
-So: one N=1 clean-for-x8 face falls under 20 dB (N=1 has no low-pass to forgive the degradation); hue rotation
-is invisible on gray faces (nothing to rotate); the sharpness bounds are loose on purpose, because the gain is
-relative to the input (a sharp restoration of an x8 input and noise over a clean input both score ~130), and a
-correct restoration that removes noise legitimately lowers it. The flags catch gross failures: a wrong colour,
+So: one clean-for-x8 face falls under 20 dB at factor 1 (no low-pass there to forgive the degradation); hue
+rotation is invisible on gray faces (nothing to rotate); the sharpness bounds are loose on purpose, because the
+gain is relative to the input (a sharp restoration of an x8 input and noise over a clean input both score ~130),
+and a correct restoration that removes noise legitimately lowers it. The flags catch gross failures: a wrong colour,
 a different face, noise; they do not rank good restorations. No learned metric (LPIPS, NIQE, identity
 similarity) is used: their weights are not available offline here.
 """

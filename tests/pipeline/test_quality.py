@@ -158,6 +158,17 @@ def test_plausible_restorations_pass_on_real_faces() -> None:
             assert flags(q) == [], (name, N, q)
 
 
+def test_ddpm_size_maps_the_factor_to_the_same_cut_at_512() -> None:
+    """DR2 filters at the DDPM's size: N = 8 at 256 is the factor-16 filter at 512."""
+    c = aligned_faces()[0]
+    o = blur(c, 2.0)
+    at_256 = measure_face(c, o, N=8, ddpm_size=256)
+    assert at_256.N == 16 and at_256 == measure_face(c, o, N=16)
+    assert at_256.lowfreq_psnr > measure_face(c, o, N=8).lowfreq_psnr
+    with pytest.raises(ValueError):
+        measure_face(c, o, N=5, ddpm_size=256)
+
+
 def test_measures_are_deterministic_and_serialisable() -> None:
     c = aligned_faces()[1]
     a = measure_face(c, unsharp(c), N=4)
@@ -171,7 +182,7 @@ def test_bad_inputs_raise() -> None:
     c = aligned_faces()[0]
     with pytest.raises(ValueError, match="uint8"):
         measure_face(c, c[:256], N=4)
-    with pytest.raises(ValueError, match="divide"):
+    with pytest.raises(ValueError, match="divisor"):
         measure_face(c, c, N=3)
     with pytest.raises(ValueError):
         QualityThresholds(min_sharpness_gain=2.0, max_sharpness_gain=1.0)
@@ -211,7 +222,7 @@ def calibration_table(n_lfw: int = 40) -> None:
         other = crops[(k + 1) % len(crops)]
         for kind, cases in (("ok", restorations(c)), ("fail", failures(c, other))):
             for name, (i, o) in cases.items():
-                for N in (1, 4, 8):
+                for N in (1, 4, 8, 16):
                     rows.setdefault((kind, name, N), []).append(measure_face(i, o, N=N))
     print(f"{'kind':5} {'case':13} {'N':>2}  {'lowfreq_psnr min/med':>21}  {'delta_e med/max':>16}  "
           f"{'sharp_gain min/med/max':>24}  flagged")
