@@ -8,7 +8,8 @@ only resolves beside the outputs).
 Who writes what:
 
 * workers call :func:`face_sheet_selected` for each restored face (a deterministic sample by key hash) and, for
-  the selected ones, :func:`write_face_images` (small JPEG thumbnails under ``report/faces/``);
+  the selected ones, :func:`write_face_images` (small JPEG thumbnails under ``report/faces/``; the ``pasted``
+  image cut with :func:`pasted_region`) and :func:`face_entry` (the JSON entry, flags and severity included);
 * the driver collects counts, timings, units, the per-face entries and the non-ok samples into one dict (the
   schema below) and calls :func:`write_report`, which sorts the faces worst first, bounds the lists and writes
   ``report.json`` and ``index.html`` (:func:`render_html`).
@@ -69,6 +70,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.quality import FaceQuality, QualityThresholds, flags, severity
 from pipeline.storage import join, write_bytes_atomic
 
 REPORT_VERSION = 1
@@ -150,6 +152,41 @@ def write_face_images(report_uri: str, entry_id: str, images: Mapping[str, np.nd
             write_bytes_atomic(join(report_uri, rel), thumbnail_jpeg(images[role]))
             out[role] = rel
     return out
+
+
+def pasted_region(composed: np.ndarray, box: tuple[float, float, float, float], *, margin: float = 0.25) -> np.ndarray:
+    """The face's region of the composed photo (``box`` x1, y1, x2, y2 widened by ``margin`` of its size on each
+    side, clipped to the photo): the ``pasted`` image of the contact sheet, where seams would show."""
+    h, w = composed.shape[:2]
+    x1, y1, x2, y2 = box
+    mx, my = margin * (x2 - x1), margin * (y2 - y1)
+    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    right, bottom = min(w, int(np.ceil(x2 + mx))), min(h, int(np.ceil(y2 + my)))
+    if right <= left or bottom <= top:
+        raise ValueError(f"box {box} is outside the {w}x{h} photo")
+    return composed[top:bottom, left:right]
+
+
+def face_entry(
+    *,
+    shard: str,
+    key: str,
+    face_index: int,
+    images: Mapping[str, str],
+    quality: FaceQuality,
+    thresholds: QualityThresholds | None = None,
+) -> dict[str, Any]:
+    """One ``faces`` entry of report.json, with its flags and severity computed under ``thresholds``."""
+    t = thresholds or QualityThresholds()
+    return {
+        "shard": shard,
+        "key": key,
+        "face_index": int(face_index),
+        "images": dict(images),
+        "quality": quality.to_dict(),
+        "flags": flags(quality, t),
+        "severity": round(severity(quality, t), 4),
+    }
 
 
 # --- driver: the report -----------------------------------------------------------------------------------
@@ -238,6 +275,7 @@ table { border-collapse: collapse; width: 100%; } td, th { text-align: left; pad
   border-bottom: 1px solid var(--line); vertical-align: top; } th { color: var(--muted); font-weight: 500; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; }
+.stages td, .stages th { white-space: nowrap; overflow-wrap: normal; } .stages .barcell { width: 100%; }
 .bar { background: var(--bar); height: .7rem; min-width: 1px; border-radius: 2px; }
 .sheet { display: flex; flex-wrap: wrap; gap: 10px; }
 .face { background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 6px; flex: 0 1 auto;
@@ -279,11 +317,11 @@ def _stages(stage_seconds: Mapping[str, Any]) -> str:
     total = sum(vals.values()) or 1.0
     rows = "".join(
         f'<tr><td>{_e(k)}</td><td class="r" data-stage="{_e(k)}">{v:,.1f} s</td><td class="r">{100 * v / total:.0f}%'
-        f'</td><td style="width:50%"><div class="bar" style="width:{100 * v / top:.1f}%"></div></td></tr>'
+        f'</td><td class="barcell"><div class="bar" style="width:{100 * v / top:.1f}%"></div></td></tr>'
         for k, v in sorted(vals.items(), key=lambda kv: -kv[1])
     )
-    return (f'<div class="scroll"><table><tr><th>stage</th><th class="r">seconds</th><th class="r">share</th><th></th>'
-            f"</tr>{rows}</table></div>"
+    head = '<tr><th>stage</th><th class="r">seconds</th><th class="r">share</th><th></th></tr>'
+    return (f'<div class="scroll"><table class="stages">{head}{rows}</table></div>'
             '<p class="muted">summed over workers: stages overlap in time, so the sum can exceed the wall time</p>')
 
 

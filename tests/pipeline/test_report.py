@@ -70,16 +70,16 @@ def build_report(dst: str, *, N: int = 8) -> dict[str, Any]:
         inp = degrade(face.crop, 4, seed=i) if kind == "sharpen" else face.crop
         dr2, enhanced = _restore(kind, inp)
         composed = paste_faces(photo, [face.affine], [enhanced])
-        x1, y1, x2, y2 = (int(round(v)) for v in face.meta.box)
         q = measure_face(inp, enhanced, N=N)
         shard = f"shard-{i % 2:03d}.tar"
         images = rp.write_face_images(
             folder,
             rp.face_entry_id(shard, key, 0),
-            {"input": inp, "dr2": dr2, "enhanced": enhanced, "pasted": composed[max(0, y1) : y2, max(0, x1) : x2]},
+            {"input": inp, "dr2": dr2, "enhanced": enhanced, "pasted": rp.pasted_region(composed, face.meta.box)},
         )
-        faces.append({"shard": shard, "key": key, "face_index": 0, "images": images, "quality": q.to_dict(),
-                      "flags": flags(q, thresholds), "severity": round(severity(q, thresholds), 4)})
+        entry = rp.face_entry(shard=shard, key=key, face_index=0, images=images, quality=q, thresholds=thresholds)
+        assert entry["flags"] == flags(q, thresholds) and entry["severity"] == round(severity(q, thresholds), 4)
+        faces.append(entry)
     n_suspect = sum(bool(f["flags"]) for f in faces)
     return {
         "run": {
@@ -130,6 +130,15 @@ def test_face_sheet_selection_is_a_deterministic_bounded_sample() -> None:
     assert all(rp.face_sheet_selected(k, limit_per_thousand=0, suspect=True) for k in keys[:50])
     with pytest.raises(ValueError):
         rp.face_sheet_selected("k", limit_per_thousand=1001)
+
+
+def test_pasted_region_widens_the_box_and_clips_to_the_photo() -> None:
+    photo = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8)
+    assert rp.pasted_region(photo, (40.0, 20.0, 80.0, 60.0)).shape == (60, 60, 3)  # 40 + 2 * 10
+    assert np.array_equal(rp.pasted_region(photo, (40.0, 20.0, 80.0, 60.0)), photo[10:70, 30:90])
+    assert rp.pasted_region(photo, (-10.0, -10.0, 30.0, 30.0)).shape == (40, 40, 3)  # clipped at 0
+    with pytest.raises(ValueError):
+        rp.pasted_region(photo, (300.0, 10.0, 340.0, 50.0))
 
 
 def test_face_images_are_small_jpegs_under_the_report(tmp_path: Path) -> None:
