@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a fresh GPU machine (about 5-8 minutes on an H100/H200):
+#
+#   scripts/gpu_check.sh [--device cuda|cpu] [--out DIR]
+#
+# 1. sets up the project against the CUDA build of torch already on the machine: a venv with
+#    --system-site-packages and `pip install -e . --no-deps` (torch is never replaced; a missing package is
+#    reported, and one the bench can do without only drops the pipeline row);
+# 2. `dr2 verify-fixtures` (the golden fixtures, CPU reference path), then the same fixtures on the device:
+#    fp32 within 1e-4 (TF32 off), bf16 and fp16 within their measured bands (dr2/verify.py DEVICE_BANDS);
+# 3. `dr2 bench` at full size (random weights) for batch sizes 8,16,32 in fp32 and bf16 (plus bf16 compiled),
+#    writing bench.md / bench.json / verify.txt / the logs to DIR (default gpu_check_out/).
+#
+# `--device cpu` is the dry run: tiny models, batch 1,4, in a minute or two on a laptop-class CPU.
+set -euo pipefail
+
+DEVICE=cuda
+OUT=gpu_check_out
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start )) s)"; }
+
+# --- 1. environment -------------------------------------------------------------------------------------------
+step "environment"
+if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch" 2>/dev/null; then
+  PY=.venv/bin/python  # an existing project venv (the CPU dry run here)
+else
+  PYSYS="$(command -v python3 || command -v python)"
+  VENV="${GPU_CHECK_VENV:-$ROOT/.gpu-venv}"
+  [[ -x "$VENV/bin/python" ]] || "$PYSYS" -m venv --system-site-packages "$VENV"
+  PY="$VENV/bin/python"
+  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . \
+    || "$PY" -m pip install --quiet --no-deps -e . \
+    || echo "WARNING: editable install failed; running from the source tree (PYTHONPATH)"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF'
+import importlib, torch
+print(f"torch {torch.__version__}, cuda {torch.version.cuda}, available {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB")
+missing = [m for m in ("numpy", "safetensors", "PIL", "cv2", "webdataset", "ray", "pyarrow", "skimage")
+           if importlib.util.find_spec(m) is None]
+print("missing:", ", ".join(missing) or "none")
+EOF
+MISSING=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('numpy','safetensors','PIL','cv2','webdataset','ray','pyarrow') if u.find_spec(m) is None))")
+if [[ -n "$MISSING" ]]; then
+  # Try the index once (short timeout: a sealed machine has none), never touching torch.
+  declare -A PIP=([PIL]=pillow [cv2]=opencv-python-headless [ray]="ray[data]")
+  pkgs=(); for m in $MISSING; do pkgs+=("${PIP[$m]:-$m}"); done
+  "$PY" -m pip install --quiet --timeout 10 --retries 0 "${pkgs[@]}" 2>/dev/null || echo "could not install: ${pkgs[*]}"
+fi
+BENCH_EXTRA=()
+if ! "$PY" -c "import ray, webdataset, cv2, pyarrow, PIL" 2>/dev/null; then
+  echo "the pipeline's packages are missing: the bench runs without its end-to-end pipeline row"
+  BENCH_EXTRA+=(--skip-pipeline)
+fi
+DR2=("$PY" -m jobs.cli)
+
+# --- 2. golden fixtures -----------------------------------------------------------------------------------------
+step "dr2 verify-fixtures (reference path)"
+"${DR2[@]}" verify-fixtures | tee "$OUT/verify_fixtures.txt" | tail -3
+
+if [[ "$DEVICE" == cpu ]]; then
+  PRECISIONS=fp32,bf16; BATCHES=1,4; EXTRA=(--repeats 1 --pipeline-images 4)
+else
+  PRECISIONS=fp32,bf16; BATCHES=8,16,32; EXTRA=(--repeats 2)
+  step "no host synchronisation inside the sampling loop (torch.cuda.set_sync_debug_mode('error'))"
+  "$PY" - <<'EOF' | tee "$OUT/sync_check.txt"
+import torch
+from dr2.diffusion import SpacedDiffusion
+from dr2.lowpass import LowPass
+from dr2.restorer import DR2Restorer
+from dr2.sampling import KeyedNoise, dr2_sample
+r = DR2Restorer.tiny_random(device="cuda", precision="bf16", batch_size=4)
+y = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
+noise = KeyedNoise([f"k{i}" for i in range(4)], device="cuda")
+lp = LowPass(image_size=64, N=8).to("cuda")
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    dr2_sample(r.unet, y, SpacedDiffusion(), N=8, tau=35, noise=noise, lowpass=lp)
+torch.cuda.set_sync_debug_mode("default")
+print("sampling loop: no host synchronisation (26 steps, batch 4, bf16)")
+EOF
+fi
+
+# --- 3. the bench -----------------------------------------------------------------------------------------------
+step "dr2 bench --device $DEVICE --precision $PRECISIONS --batch-size $BATCHES (+ fixtures on the device)"
+"${DR2[@]}" bench --device "$DEVICE" --precision "$PRECISIONS,fp16" --batch-size 1 --skip-pipeline --repeats 1 \
+  --verify-fixtures --out "$OUT/verify" | head -20
+"${DR2[@]}" bench --device "$DEVICE" --precision "$PRECISIONS" --batch-size "$BATCHES" "${EXTRA[@]}" \
+  "${BENCH_EXTRA[@]}" --out "$OUT"
+if [[ "$DEVICE" != cpu ]]; then
+  step "dr2 bench, bf16 compiled (torch.compile, cost in the header)"
+  timeout 240 "${DR2[@]}" bench --device "$DEVICE" --precision bf16 --batch-size 32 --compile --skip-pipeline \
+    --repeats 2 --out "$OUT/compiled" || echo "compiled bench did not finish in 240 s (see the log)"
+fi
+step "done: $OUT"
+ls -l "$OUT"
