@@ -5,6 +5,7 @@
     dr2 restore-faces IN OUT      restore a folder of aligned faces, as the official demo does, batched
     dr2 weights import FILE       convert an official checkpoint to model.safetensors + config.json
     dr2 verify-fixtures DIR       check this install reproduces the official DR2 numbers
+    dr2 bench                     measure UNet, restorer and pipeline speed, MFU, and the speed-up over batch 1
     dr2 submit -- restore ...     run restore (or nightly) on a Ray cluster through Ray Jobs
 
 Run ``dr2 COMMAND --help`` for each command's options. The options of ``restore`` are generated from
@@ -98,6 +99,12 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     v = sub.add_parser("verify-fixtures", help="check this install against the official DR2 golden fixtures")
     v.add_argument("dir", type=Path, nargs="?", default=None,
                    help="fixture folder (default: the copy shipped in tests/fixtures/dr2_reference)")
+
+    from jobs.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="measure the DR2 path's speed (one table)",
+                                       description="One table: UNet forwards/s and TFLOP/s, restorer faces/s, "
+                                       "end-to-end pipeline faces/s, the batch-1 baseline and MFU. See jobs/bench.py."))
 
     from jobs import submit as submit_mod  # stdlib-only at import; Ray is imported when a job is submitted
 
@@ -198,8 +205,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit_job(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from jobs.bench import cmd_bench
+
+    return cmd_bench(args)
+
+
 COMMANDS = {"restore": cmd_restore, "demo": cmd_demo, "restore-faces": cmd_restore_faces, "weights": cmd_weights,
-            "verify-fixtures": cmd_verify}
+            "verify-fixtures": cmd_verify, "bench": _cmd_bench}
 COMMANDS["submit"] = cmd_submit  # jobs/submit.py
 
 
