@@ -1,5 +1,8 @@
 """Benchmark the DR2 face path: UNet forwards/s, faces/s, FLOPs per face and achieved TFLOP/s.
 
+The full table (pipeline row, batch-1 baseline, MFU, several precisions and batch sizes) is ``dr2 bench``
+(jobs/bench.py); this script stays for quick single-configuration runs and for real model directories.
+
 Not a test: a script that prints one table. Models are seeded random (``--config tiny|full``) unless model
 directories from ``dr2 weights import`` are given (``--ddpm-dir``, ``--enhancer-dir``); speed does not depend
 on the weight values.
@@ -97,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = [f"bench/{i}" for i in range(B)]
 
     def unet_forward() -> None:
-        with torch.inference_mode(), restorer._autocast():
-            restorer.unet(x, t)
+        restorer.denoise(x, t)
 
     def restore() -> None:
         restorer.restore(faces, keys, N=args.N, tau=args.tau)

@@ -8,10 +8,10 @@
 #    reported, and one the bench can do without only drops the pipeline row);
 # 2. `dr2 verify-fixtures` (the golden fixtures, CPU reference path), then the same fixtures on the device:
 #    fp32 within 1e-4 (TF32 off), bf16 and fp16 within their measured bands (dr2/verify.py DEVICE_BANDS);
-# 3. `dr2 bench` at full size (random weights) for batch sizes 8,16,32 in fp32 and bf16 (plus bf16 compiled),
-#    writing bench.md / bench.json / verify.txt / the logs to DIR (default gpu_check_out/).
+# 3. `dr2 bench` at full size (random weights) for batch sizes 8,32 in fp32 and bf16 (plus bf16 compiled),
+#    writing bench.md / bench.json / verify_*.txt / the log to DIR (default gpu_check_out/).
 #
-# `--device cpu` is the dry run: tiny models, batch 1,4, in a minute or two on a laptop-class CPU.
+# `--device cpu` is the dry run: tiny models, batch 4 (a few minutes on 2 busy cores).
 set -euo pipefail
 
 DEVICE=cuda
@@ -75,9 +75,9 @@ step "dr2 verify-fixtures (reference path)"
 "${DR2[@]}" verify-fixtures | tee "$OUT/verify_fixtures.txt" | tail -3
 
 if [[ "$DEVICE" == cpu ]]; then
-  PRECISIONS=fp32,bf16; BATCHES=1,4; EXTRA=(--repeats 1 --pipeline-images 4)
+  PRECISIONS=fp32,bf16; BATCHES=4; EXTRA=(--repeats 1 --pipeline-images 4)
 else
-  PRECISIONS=fp32,bf16; BATCHES=8,16,32; EXTRA=(--repeats 2)
+  PRECISIONS=fp32,bf16; BATCHES=8,32; EXTRA=(--repeats 2 --pipeline-images 32)
   step "no host synchronisation inside the sampling loop (torch.cuda.set_sync_debug_mode('error'))"
   "$PY" - <<'EOF' | tee "$OUT/sync_check.txt"
 import torch
@@ -99,15 +99,25 @@ EOF
 fi
 
 # --- 3. the bench -----------------------------------------------------------------------------------------------
-step "dr2 bench --device $DEVICE --precision $PRECISIONS --batch-size $BATCHES (+ fixtures on the device)"
-"${DR2[@]}" bench --device "$DEVICE" --precision "$PRECISIONS,fp16" --batch-size 1 --skip-pipeline --repeats 1 \
-  --verify-fixtures --out "$OUT/verify" | head -20
+step "golden fixtures on $DEVICE in fp32 / bf16 / fp16"
+DEVICE="$DEVICE" OUT="$OUT" "$PY" - <<'EOF'
+import os, sys
+from pathlib import Path
+from dr2.verify import format_table, verify_on_device
+results = [r for p in ("fp32", "bf16", "fp16")
+           for r in verify_on_device(Path("tests/fixtures/dr2_reference"), device=os.environ["DEVICE"], precision=p)]
+table = format_table(results)
+print(table)
+Path(os.environ["OUT"], "verify_device.txt").write_text(table + "\n")
+sys.exit(0 if all(r.passed for r in results) else 1)
+EOF
+step "dr2 bench --device $DEVICE --precision $PRECISIONS --batch-size $BATCHES"
 "${DR2[@]}" bench --device "$DEVICE" --precision "$PRECISIONS" --batch-size "$BATCHES" "${EXTRA[@]}" \
-  "${BENCH_EXTRA[@]}" --out "$OUT"
+  ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} --out "$OUT"
 if [[ "$DEVICE" != cpu ]]; then
   step "dr2 bench, bf16 compiled (torch.compile, cost in the header)"
-  timeout 240 "${DR2[@]}" bench --device "$DEVICE" --precision bf16 --batch-size 32 --compile --skip-pipeline \
-    --repeats 2 --out "$OUT/compiled" || echo "compiled bench did not finish in 240 s (see the log)"
+  timeout 120 "${DR2[@]}" bench --device "$DEVICE" --precision bf16 --batch-size 32 --compile --skip-pipeline \
+    --repeats 2 --out "$OUT/compiled" || echo "compiled bench did not finish in 120 s (see the log)"
 fi
 step "done: $OUT"
 ls -l "$OUT"
