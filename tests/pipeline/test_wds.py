@@ -324,3 +324,16 @@ def test_hostile_shard_round_trips_into_a_safe_output(tmp_path: Path) -> None:
         tf.extractall(dest, filter="data")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "mixed.tar", "out.tar", "x/dest/a.jpg", "x/dest/ünï/ké y.jpg"]
+
+
+def test_a_link_does_not_shadow_a_later_regular_copy(tmp_path: Path) -> None:
+    path = tmp_path / "shadow.tar"
+    with tarfile.open(path, "w") as tf:
+        _member(tf, "k.jpg", kind=tarfile.SYMTYPE, link="/etc/shadow")
+        _member(tf, "k.jpg", b"the real image")
+        _member(tf, "k.jpg", b"a third copy")
+    samples, unit_notes = _read(path)
+    assert [(s.key, s.members) for s in samples] == [("k", [("jpg", b"the real image")])]
+    assert _notes(samples[0]) == [("k.jpg", "symbolic link to '/etc/shadow', not followed"),
+                                  ("k.jpg", "repeated member name in the sample (the first copy is kept)")]
+    assert unit_notes == []
