@@ -1,15 +1,17 @@
-"""The ``dr2`` command line.
+"""dr2: restore the faces in million-image archives with DR2, as a Ray Data job.
 
     dr2 demo                      build a degraded demo archive and restore it (local Ray, local files)
     dr2 restore SRC DST           restore the faces in an archive (WebDataset shards or plain images; local or s3://)
+    dr2 nightly SRC DST --state S restore what is new or changed since the last run; retries, quarantine, history
+    dr2 check-output DST          verify a finished destination against its markers (sizes, sha256, counts)
     dr2 restore-faces IN OUT      restore a folder of aligned faces, as the official demo does, batched
     dr2 weights import FILE       convert an official checkpoint to model.safetensors + config.json
     dr2 verify-fixtures DIR       check this install reproduces the official DR2 numbers
     dr2 bench                     measure UNet, restorer and pipeline speed, MFU, and the speed-up over batch 1
     dr2 submit -- restore ...     run restore (or nightly) on a Ray cluster through Ray Jobs
 
-Run ``dr2 COMMAND --help`` for each command's options. The options of ``restore`` are generated from
-``pipeline.config.PipelineConfig``.
+Run `dr2 COMMAND --help` for each command's options. Without weights, try
+`dr2 restore SRC DST --restorer passthrough` (detection, alignment and paste-back, no DR2) or `--restorer tiny`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def load_preset(name: str) -> dict[str, Any]:
 def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The parser; ``preset_defaults`` (from --preset) become the restore command's defaults."""
     p = argparse.ArgumentParser(prog="dr2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"dr2-pipeline {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("restore", help="restore the faces in an archive", description=(
@@ -55,9 +58,36 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     r.add_argument("src", help="input: .tar shards (path, glob, {000..009} braces, s3://) or a folder/prefix of images")
     r.add_argument("dst", help="output folder or s3:// prefix")
     r.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
+    r.add_argument("--dry-run", action="store_true", help="plan only: list what would be done, write nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress line, only warnings and the final summary")
     add_dataclass_args(r, PipelineConfig)
     if preset_defaults:
         r.set_defaults(**preset_defaults)
+
+    n = sub.add_parser("nightly", help="restore what is new or changed since the last run (cron-friendly)",
+                       description=(
+        "Each run lists SRC, restores the units not yet committed at DST under this config and those whose input "
+        "changed since (size + ETag/mtime), retries failed units on later runs up to --max-attempts, then "
+        "quarantines them, and appends a run record to the history at --state (local or s3://). Runs started at "
+        "once on the same --state split the work. Prints one summary line; exit 0 all done, 1 some units failed "
+        "or are quarantined, 2 the run could not start. `dr2 nightly --history STATE` prints the last runs."))
+    n.add_argument("src", nargs="?", help="input, as for `dr2 restore`")
+    n.add_argument("dst", nargs="?", help="output, as for `dr2 restore`")
+    n.add_argument("--state", help="where the nightly state and history live (folder or s3:// prefix)")
+    n.add_argument("--history", metavar="STATE", help="print the last runs recorded at STATE and exit")
+    n.add_argument("--last", type=int, default=10, help="runs shown by --history (default 10)")
+    n.add_argument("--max-attempts", type=int, default=3, help="runs that may fail a unit before it is quarantined")
+    n.add_argument("--retry-quarantined", action="store_true", help="give quarantined units a fresh set of attempts")
+    n.add_argument("--wave", type=int, default=256, help="units claimed at a time (concurrent runs split by waves)")
+    n.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
+    add_dataclass_args(n, PipelineConfig)
+    n.set_defaults(wait=3600.0, progress="plain", **(preset_defaults or {}))
+
+    c = sub.add_parser("check-output", help="verify a finished destination against its markers", description=(
+        "Checks every unit marker under DST: the output exists with the recorded size and sha256, the tar holds "
+        "the recorded number of samples, and no staging is left. Prints a table; exit 1 on any mismatch."))
+    c.add_argument("dst", help="output folder or s3:// prefix of a finished run")
+    c.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
 
     d = sub.add_parser("demo", help="build a demo archive and restore it on a local Ray", description=(
         "Builds demo/archive (degraded public-domain photos, a face-less photo, a corrupt JPEG, a sample without "
@@ -117,14 +147,69 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
 # --------------------------------------------------------------------------------------------- commands
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
-    from jobs.restore import run_restore
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
+    try:
+        return version("dr2-pipeline")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from jobs.restore import plan_units, run_restore, select_todo
+    from pipeline.models import model_identity
+
+    overrides: dict[str, Any] = {"src": args.src, "dst": args.dst}
+    if args.quiet:
+        overrides["progress"] = "quiet"
+        logging.getLogger().setLevel(logging.WARNING)
+    cfg = dataclass_from_args(PipelineConfig, args, **overrides)
+    if args.dry_run:
+        units = plan_units(cfg)
+        todo = select_todo(units, cfg, cfg.output_hash(model_identity(cfg)))
+        todo = todo[: cfg.limit] if cfg.limit is not None else todo
+        print(f"{len(units)} unit(s) in {cfg.src}: {len(units) - len(todo)} already done at {cfg.dst}, "
+              f"{len(todo)} to do (dry run: nothing written)")
+        for u in todo[:20]:
+            print(f"  {u.name}  <- {u.source}" + (f"  ({len(u.images)} images)" if u.images else ""))
+        if len(todo) > 20:
+            print(f"  ... and {len(todo) - 20} more")
+        return 0
     summary = run_restore(cfg)
     print(summary.table())
     print(f"output: {cfg.dst}")
+    if summary.failed:
+        print(f"dr2 restore: {len(summary.failed)} unit(s) failed (listed above); the others are committed. "
+              "Rerun the same command to retry them.", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from jobs import nightly_state as ns
+
+    if args.history:
+        print(ns.format_history(ns.NightlyState(args.history), last=args.last))
+        return 0
+    if not (args.src and args.dst and args.state):
+        raise ValueError("dr2 nightly needs SRC DST --state STATE_URI (or --history STATE_URI)")
+    from jobs.nightly import run_nightly_job
+
+    cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
+    record = run_nightly_job(cfg, args.state, max_attempts=args.max_attempts,
+                             retry_quarantined=args.retry_quarantined, wave=args.wave)
+    print(ns.summary_line(record, args.state))
+    return ns.exit_code(record)
+
+
+def cmd_check_output(args: argparse.Namespace) -> int:
+    from jobs.check import check_output, format_checks
+    from pipeline.storage import StorageOptions
+
+    checks = check_output(args.dst, options=StorageOptions(endpoint_url=args.endpoint_url))
+    print(format_checks(checks))
+    return 0 if checks and all(c.ok for c in checks) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -214,24 +299,52 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {"restore": cmd_restore, "demo": cmd_demo, "restore-faces": cmd_restore_faces, "weights": cmd_weights,
             "verify-fixtures": cmd_verify, "bench": _cmd_bench}
 COMMANDS["submit"] = cmd_submit  # jobs/submit.py
+COMMANDS["nightly"] = cmd_nightly
+COMMANDS["check-output"] = cmd_check_output
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=PRESETS)
+    pre = argparse.ArgumentParser(prog="dr2", add_help=False)
+    pre.add_argument("--preset")  # no choices here: an unknown preset is refused by the command's own parser
     known, _ = pre.parse_known_args(argv)
-    preset = load_preset(known.preset) if known.preset else None  # only the restore command takes these defaults
+    # the restore and nightly commands take these defaults (explicit --N/--tau still win)
+    preset = load_preset(known.preset) if known.preset in PRESETS else None
     args = build_parser(preset).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"dr2 {args.command}: interrupted. Units completed before the interrupt are committed (their "
+              ".stats.json markers); rerun the same command to resume with the rest.", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's job: one line a person can act on (-v for the traceback)
         if args.verbose:
             raise
-        print(f"dr2 {args.command}: error: {e}", file=sys.stderr)
+        print(f"dr2 {args.command}: error: {explain(e)}", file=sys.stderr)
         return 2
+
+
+def explain(e: BaseException) -> str:
+    """One line for an error, with what to do about it where we know."""
+    import errno
+
+    from jobs.restore import one_line
+    from pipeline.leases import LeaseHeld
+
+    if isinstance(e, LeaseHeld):
+        return f"{e} (pass --wait SECONDS to wait for it)"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on device ({e.filename or 'output'}): free space or choose another DST; committed "
+                "units are intact and a rerun resumes")
+    if isinstance(e, NotADirectoryError | FileExistsError):
+        return f"{e}: DST (or a folder on its path) is a file; choose a folder"
+    text = one_line(e)
+    if "RayActorError" in text or "ActorDiedError" in text or "ActorUnavailable" in text:
+        return (f"{text}. A stage's actor kept dying (out of memory? a crash in a model?); units committed before "
+                "are intact. Rerun with -v --ray-logs to see its logs.")
+    return text
 
 
 if __name__ == "__main__":

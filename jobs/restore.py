@@ -26,7 +26,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,14 @@ class RunSummary:
     plan_seconds: float = 0.0
     first_commit_seconds: float | None = None
     read_errors: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # units that could not be done, with the reason
+    config_hash: str = ""
+    model_info: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         lines = [
             f"{'units (shards/chunks)':<24}{self.units_total} total, {self.units_skipped} already done, "
-            f"{self.units_done} written",
+            f"{self.units_done} written" + (f", {len(self.failed)} FAILED" if self.failed else ""),
             f"{'samples':<24}{self.samples}",
             f"{'faces found':<24}{self.faces_found}",
             f"{'faces pasted back':<24}{self.faces}",
@@ -101,6 +104,8 @@ class RunSummary:
                          f"(planning {self.plan_seconds:.1f} s)")
         for unit, err in self.read_errors.items():
             lines.append(f"{'read error':<24}{unit}: {err}")
+        for unit, err in self.failed.items():
+            lines.append(f"{'FAILED':<24}{unit}: {err}")
         return "\n".join(lines)
 
 
@@ -167,7 +172,7 @@ def image_layout(cfg: PipelineConfig, n_images: int) -> dict[str, int]:
 
 def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) -> list[Unit]:
     """The units to run: not done under this config (``--overwrite``: all). One listing of DST decides."""
-    states = shards.unit_states(units, cfg.dst, config_hash, options=cfg.storage_options())
+    states = shards.unit_states(units, cfg.dst, config_hash, verify=cfg.verify, options=cfg.storage_options())
     todo, conflicts = [], []
     for u in units:
         state = states[u.name]
@@ -188,22 +193,62 @@ def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) ->
 # --------------------------------------------------------------------------------------------- running
 
 
-def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None = None
-                ) -> RunSummary:
-    """Run the whole job; returns the summary (also logged). ``on_part`` sees every part summary as it arrives
-    (progress display, benchmarks), with the run's summary so far."""
+LEASE_FILE = "_dr2/lease.json"
+LEASE_TTL_S = 60.0
+
+
+def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None = None,
+                only: Collection[str] | None = None, on_unit: Callable[[UnitOutcome], None] | None = None,
+                run_id: str | None = None) -> RunSummary:
+    """Run the whole job; returns the summary (also logged).
+
+    One writer per DST: the run holds the lease ``DST/_dr2/lease.json`` (renewed in the background) from planning to
+    its last commit; another run on the same DST waits up to ``cfg.wait`` seconds, then stops with
+    :class:`~pipeline.leases.LeaseHeld` naming the holder. A lease whose holder was a process of this machine that
+    has exited is taken over at once; another machine's, once it expires.
+
+    ``only`` restricts the run to these unit names (the nightly job); ``on_part`` sees every part summary as it
+    arrives (progress display, benchmarks); ``on_unit`` hears of every unit committed or failed. A unit that cannot
+    be read is recorded in ``summary.failed`` and the others go on; an error of the job itself (an actor that keeps
+    dying, weights that fail their checksum) raises after the units already complete are committed.
+    """
+    from pipeline.leases import Owner, hold_lease
+
+    if not cfg.src or not cfg.dst:
+        raise ValueError("both SRC and DST are needed")
+    with hold_lease(storage.join(cfg.dst, LEASE_FILE), ttl=LEASE_TTL_S, owner=Owner.current(run_id),
+                    options=cfg.storage_options(), wait_s=cfg.wait, take_dead=True) as lease:
+        return _run_leased(cfg, lease, on_part=on_part, only=only, on_unit=on_unit)
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What became of one unit in a run: committed (``ok``) with its stats, or failed with the reason."""
+
+    unit: str
+    ok: bool
+    error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None,
+                only: Collection[str] | None, on_unit: Callable[[UnitOutcome], None] | None) -> RunSummary:
     from pipeline.build import build_dataset, init_ray, is_ready, remote_call, stream_summaries, wait
     from pipeline.models import model_identity
 
     t0 = time.perf_counter()
-    if not cfg.src or not cfg.dst:
-        raise ValueError("both SRC and DST are needed")
     options = cfg.storage_options()
     model_info = model_identity(cfg)
     config_hash = cfg.output_hash(model_info)
     units = plan_units(cfg)
+    if only is not None:
+        wanted = set(only)
+        units = [u for u in units if u.name in wanted]
     todo = select_todo(units, cfg, config_hash)
-    summary = RunSummary(units_total=len(units), units_skipped=len(units) - len(todo))
+    if cfg.limit is not None:
+        todo = todo[: cfg.limit]
+    summary = RunSummary(units_total=len(units), units_skipped=len(units) - len(todo), config_hash=config_hash,
+                         model_info=model_info)
     resolved = {"config": cfg.to_dict(), "resolved": {"omega": cfg.resolved_omega}, "models": model_info,
                 "config_hash": config_hash}
     storage.write_bytes_atomic(storage.join(cfg.dst, CONFIG_FILE), json.dumps(resolved, indent=2).encode(),
@@ -221,46 +266,104 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
         shards.clear_staging(u, cfg.dst, config_hash, options=options)
 
     init_ray(cfg)
+    from pipeline.progress import Progress
+
+    images = sum(len(u.images) for u in todo)
+    bar = Progress(len(todo), images or None, mode=cfg.progress)
     progress = {u.name: UnitProgress(u) for u in todo}
-    commits: list[Any] = []
-    ds = build_dataset(todo, cfg, model_info, config_hash)
-    for part in stream_summaries(ds):
-        if summary.first_commit_seconds is None and commits and is_ready(commits[0]):
-            summary.first_commit_seconds = time.perf_counter() - t0
-        p = progress[part[S.UNIT]]
-        if part["first"] == -1:  # the unit's end
-            p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
-            p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
-            p.skipped_members = list(part[S.NOTES] or [])
-        else:
-            p.parts.setdefault((part["first"], part["last"]), part)
-        chain = p.cover()
-        if on_part is not None:
-            on_part(part, summary)
-        if chain is None:
-            continue
-        stats = _stats(p, chain, config_hash)
-        log.info("%s: all %d samples staged, committing", p.unit.name, p.expected)
-        commits.append(remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options))
-        summary.units_done += 1
-        summary.samples += stats["samples"]
-        summary.faces += stats["faces"]
-        summary.faces_found += stats["faces_found"]
-        summary.statuses.update(stats["statuses"])
-        summary.stage_seconds.update(stats["seconds"])
-        if p.read_error:
-            summary.read_errors[p.unit.name] = p.read_error
-        p.parts, p.committed = {}, True
-    if commits and summary.first_commit_seconds is None:
-        wait(commits[:1])
-        summary.first_commit_seconds = time.perf_counter() - t0
-    wait(commits)
-    incomplete = [s for s, p in progress.items() if not p.committed]
-    if incomplete:
-        raise RuntimeError(f"{len(incomplete)} unit(s) did not receive all their samples: {incomplete[:5]}")
+    commits: list[tuple[UnitProgress, dict[str, Any], Any]] = []
+
+    def settle(done: list[tuple[UnitProgress, dict[str, Any], Any]]) -> None:
+        """Wait for the commits; a commit that fails (storage refused the output) fails its unit only."""
+        for p, stats, ref in done:
+            try:
+                wait([ref])
+            except Exception as e:  # noqa: BLE001 - recorded as this unit's failure; the other units stand
+                summary.units_done -= 1
+                summary.samples -= stats["samples"]
+                summary.faces -= stats["faces"]
+                summary.faces_found -= stats["faces_found"]
+                summary.statuses.subtract(stats["statuses"])
+                _fail(p, f"commit failed: {one_line(e)}", summary, on_unit)
+                continue
+            if summary.first_commit_seconds is None:
+                summary.first_commit_seconds = time.perf_counter() - t0
+            if on_unit is not None:
+                on_unit(UnitOutcome(p.unit.name, True, stats=stats))
+        summary.statuses = +summary.statuses  # drop zero counts
+
+    try:
+        ds = build_dataset(todo, cfg, model_info, config_hash)
+        for part in stream_summaries(ds):
+            if summary.first_commit_seconds is None and commits and is_ready(commits[0][2]):
+                summary.first_commit_seconds = time.perf_counter() - t0
+            p = progress[part[S.UNIT]]
+            if part["first"] == -1:  # the unit's end
+                p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
+                p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
+                p.skipped_members = list(part[S.NOTES] or [])
+                if p.expected is not None and p.expected < 0:  # the unit could not be read: record it, go on
+                    _fail(p, p.read_error, summary, on_unit)
+                    continue
+            else:
+                p.parts.setdefault((part["first"], part["last"]), part)
+            chain = p.cover()
+            if part["first"] >= 0:
+                bar.update(rows=part["last"] - part["first"] + 1, faces=int(part["faces"]),
+                           statuses=dict(part["statuses"]))
+            if on_part is not None:
+                on_part(part, summary)
+            if chain is None:
+                continue
+            stats = _stats(p, chain, config_hash)
+            lease.check()  # never commit once another run may own DST
+            log.info("%s: all %d samples staged, committing", p.unit.name, p.expected)
+            ref = remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options)
+            commits.append((p, stats, ref))
+            bar.update(units=1)
+            summary.units_done += 1
+            summary.samples += stats["samples"]
+            summary.faces += stats["faces"]
+            summary.faces_found += stats["faces_found"]
+            summary.statuses.update(stats["statuses"])
+            summary.stage_seconds.update(stats["seconds"])
+            if p.read_error:
+                summary.read_errors[p.unit.name] = p.read_error
+            p.parts, p.committed = {}, True
+    except BaseException as e:
+        # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
+        bar.close()
+        settle(commits)
+        for p in progress.values():
+            if not p.committed and p.unit.name not in summary.failed:
+                _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary, on_unit)
+        raise
+    bar.close()
+    settle(commits)
+    for p in progress.values():
+        if not p.committed and p.unit.name not in summary.failed:
+            _fail(p, "not all samples arrived (a bug: please report it)", summary, on_unit)
     summary.seconds = time.perf_counter() - t0
     log.debug("summary\n%s", summary.table())  # the CLI prints it
     return summary
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of what an error says, without Ray's traceback around a worker's exception."""
+    cause: BaseException = e
+    while getattr(cause, "cause", None) is not None and cause is not getattr(cause, "cause", None):
+        cause = cause.cause  # type: ignore[attr-defined]  # RayTaskError and friends carry the worker's error
+    text = str(cause).strip().splitlines()
+    lines = [t for t in text if t.strip() and not t.startswith((" ", "Traceback", "ray::"))]
+    head = lines[-1] if lines else type(cause).__name__
+    return head if head.startswith(type(cause).__name__) else f"{type(cause).__name__}: {head}"
+
+
+def _fail(p: UnitProgress, reason: str, summary: RunSummary, on_unit: Callable[[UnitOutcome], None] | None) -> None:
+    summary.failed[p.unit.name] = reason
+    p.committed = True  # nothing more is done for it in this run
+    if on_unit is not None:
+        on_unit(UnitOutcome(p.unit.name, False, error=reason))
 
 
 def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> dict[str, Any]:

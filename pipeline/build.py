@@ -49,14 +49,21 @@ def init_ray(cfg: PipelineConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # S3 settings reach workers through the standard chain: a local Ray's workers inherit this process's
     # environment (AWS_ENDPOINT_URL, credentials); cluster nodes use their own (instance roles, env, files).
+    # Ray's own progress bars and worker logs stay in Ray's log files unless asked for: the driver prints one
+    # progress line of its own (pipeline/progress.py), and workers' row-level warnings are not the job's output.
+    if not cfg.ray_logs:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=cfg.ray_logs, logging_level=logging.INFO if cfg.ray_logs
+                 else logging.WARNING)
     else:
         log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory, include_dashboard=False)
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory, include_dashboard=False,
+                 log_to_driver=cfg.ray_logs, logging_level=logging.INFO if cfg.ray_logs else logging.WARNING)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = cfg.ray_logs
     ctx.execution_options.preserve_order = False
 
 

@@ -88,7 +88,14 @@ class PipelineConfig:
         "the output's identity (float rounding depends on it)")
     object_store_memory: int | None = _f(None, "bytes for Ray's object store when starting a local Ray")
     overwrite: bool = _f(False, "redo shards that are already done, also under a changed config")
+    verify: bool = _f(False, "on resume, also check each finished output's sha256 against its marker (reads them all)")
+    wait: float = _f(0.0, "seconds to wait while another run holds DST (default 0: stop at once and name it)")
+    limit: int | None = _f(None, "process at most this many units (shards/chunks) of those not done yet: a trial run")
     endpoint_url: str | None = _f(None, "S3 endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL or AWS")
+    progress: str = _f("auto", "progress display: bar (a terminal), plain (a line every 30 s), json (one object per "
+                       "update, for logs), quiet; auto picks bar on a terminal, else plain",
+                       choices=("auto", "bar", "plain", "json", "quiet"))
+    ray_logs: bool = _f(False, "show Ray's own progress bars and worker logs here (they always go to Ray's log files)")
     record_timings: bool = _f(False, "add per-stage seconds to each dr2.json (outputs are then not byte-reproducible)")
 
     # Fields that do not change output bytes.
@@ -97,13 +104,15 @@ class PipelineConfig:
             "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
             "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
+            "verify", "wait", "limit", "progress", "ray_logs",
         }
     )
 
     def __post_init__(self) -> None:
         """Refuse DR2 settings the sampler would reject, before any Ray worker starts."""
-        if self.N < 1:
-            raise ValueError(f"N must be >= 1, got {self.N}")
+        if self.N < 1 or self.N & (self.N - 1):
+            raise ValueError(f"--N must be a power of two that divides the DDPM's image size (1, 2, 4, 8, 16, 32; the "
+                             f"presets use 4, 8 and 16), got {self.N}")
         if not 0 <= self.tau <= 99:
             raise ValueError(f"tau must be in 0..99 (the 100-step schedule), got {self.tau}")
         omega = self.resolved_omega

@@ -115,6 +115,19 @@ class Owner:
     def __str__(self) -> str:
         return f"run {self.run_id} (pid {self.pid} on {self.host})"
 
+    def dead_here(self) -> bool:
+        """Whether this owner is a process of this host that has exited. (A pid reused by an unrelated process
+        reads as alive: the lease is then taken over at expiry, as for another host.)"""
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
 
 @dataclass(frozen=True)
 class LeaseRecord:
@@ -422,12 +435,13 @@ class Lease:
 
 
 def try_acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: StorageOptions | None = None,
-                clock: Clock = time.time) -> Lease:
+                clock: Clock = time.time, take_dead: bool = False) -> Lease:
     """Take the lease at ``uri`` for ``ttl`` seconds, or raise :class:`LeaseHeld` naming the current holder.
 
     Absent -> conditional create. Present and expired -> takeover by CAS on the version read (of several takers
     exactly one wins). Present and live -> :class:`LeaseHeld`, even when the holder is this same owner: a lease is
-    not re-entrant.
+    not re-entrant. With ``take_dead``, a lease whose owner is a process of THIS host that has exited counts as
+    expired (a killed run on the same machine need not be waited out; another host's owner is judged by the clock).
     """
     if ttl <= 0:
         raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
@@ -442,7 +456,7 @@ def try_acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: St
         if got is None:
             continue  # released between our create and our read
         current = LeaseRecord.from_bytes(got[0], uri)
-        if not current.expired(now):
+        if not current.expired(now) and not (take_dead and current.owner.dead_here()):
             raise LeaseHeld(uri, current, now=now)
         version = replace_if_match(uri, record.to_bytes(), got[1], options=options)
         if version is not None:
@@ -455,12 +469,12 @@ def try_acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: St
 
 
 def acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: StorageOptions | None = None,
-            wait_s: float = 0.0, poll_s: float = 0.2, clock: Clock = time.time) -> Lease:
+            wait_s: float = 0.0, poll_s: float = 0.2, clock: Clock = time.time, take_dead: bool = False) -> Lease:
     """:func:`try_acquire`, retried every ``poll_s`` for up to ``wait_s`` seconds while the lease is held."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return try_acquire(uri, ttl=ttl, owner=owner, options=options, clock=clock)
+            return try_acquire(uri, ttl=ttl, owner=owner, options=options, clock=clock, take_dead=take_dead)
         except LeaseHeld:
             if time.monotonic() + poll_s > deadline:
                 raise
@@ -573,11 +587,13 @@ class LeaseKeeper:
 
 @contextlib.contextmanager
 def hold_lease(uri: str, *, ttl: float, owner: Owner | None = None, options: StorageOptions | None = None,
-               wait_s: float = 0.0, on_lost: Callable[[Lease], None] | None = None) -> Iterator[Lease]:
+               wait_s: float = 0.0, on_lost: Callable[[Lease], None] | None = None,
+               take_dead: bool = False) -> Iterator[Lease]:
     """Acquire the lease (waiting up to ``wait_s``), renew it in the background every ``ttl/3``, release it on
     exit (only if still ours). Raises :class:`LeaseHeld` when it cannot be taken. Inside the block, check
     ``lease.lost`` / ``lease.check()`` before committing work the lease protects."""
-    lease = acquire(uri, ttl=ttl, owner=owner, options=options, wait_s=wait_s)
+    lease = acquire(uri, ttl=ttl, owner=owner, options=options, wait_s=wait_s, poll_s=min(2.0, max(0.2, wait_s / 100)),
+                    take_dead=take_dead)
     keeper = LeaseKeeper(on_lost=on_lost)
     keeper.add(lease)
     try:

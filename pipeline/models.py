@@ -106,13 +106,14 @@ def restorer_from_config(cfg: PipelineConfig, device: torch.device) -> FaceResto
                           omega=cfg.resolved_omega, options=cfg.storage_options())
 
 
-def _sha256_of(model_dir: str, options: StorageOptions) -> str:
+def _model_config(model_dir: str, options: StorageOptions) -> dict[str, Any]:
     try:
-        blob = json.loads(storage.read_bytes(f"{model_dir.rstrip('/')}/config.json", options=options))
+        blob: dict[str, Any] = json.loads(storage.read_bytes(f"{model_dir.rstrip('/')}/config.json", options=options))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{model_dir} holds no config.json: it is not a model directory. {WEIGHTS_HELP}") from None
-    return str(blob["sha256"])
+            f"{model_dir} is not a model directory (no config.json): make one with `dr2 weights import` ("
+            f"{WEIGHTS_HELP})") from None
+    return blob
 
 
 def model_identity(cfg: PipelineConfig) -> dict[str, Any]:
@@ -120,10 +121,15 @@ def model_identity(cfg: PipelineConfig) -> dict[str, Any]:
     check_restorer_config(cfg)
     if cfg.restorer is RestorerKind.DR2:
         opts = cfg.storage_options()
+        ddpm = _model_config(cfg.ddpm, opts)
+        size = int(ddpm.get("config", {}).get("image_size", 0) or 0)
+        if size and size % cfg.N:
+            raise ValueError(f"--N {cfg.N} does not divide the DDPM's image size {size}: use a power of two up to "
+                             f"{size}")
         return {
             "restorer": "dr2",
-            "ddpm_sha256": _sha256_of(cfg.ddpm, opts),
-            "enhancer_sha256": "none" if cfg.enhancer == "none" else _sha256_of(cfg.enhancer, opts),
+            "ddpm_sha256": str(ddpm["sha256"]),
+            "enhancer_sha256": "none" if cfg.enhancer == "none" else str(_model_config(cfg.enhancer, opts)["sha256"]),
         }
     return {"restorer": cfg.restorer.value}
 

@@ -178,6 +178,9 @@ def _sample_fields(sample: Sample) -> tuple[str | None, bytes | None, list[tuple
 def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     """Blocks of one unit's rows, in input order; the last block ends with the unit's end row.
 
+    A unit that cannot be read at all (storage refuses, the object vanished) ends with an end row of size -1
+    whose ``error`` says why: the driver records the unit as failed and goes on with the others.
+
     A shard that breaks off (truncated or corrupt tar) yields the samples before the cut, then the
     interrupted sample (status ``truncated``, with the members that were read); the end row's ``error`` says
     what happened and the unit's stats record it. Unreadable storage raises.
@@ -187,34 +190,38 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     pending = S.Status.PENDING.value
     n, error, t0 = 0, "", time.perf_counter()
     unit_notes: list[MemberNote] = []
-    if unit.kind is UnitKind.IMAGES:  # the key is the relative path
-        for n, rel in enumerate(unit.images):
-            suffix = rel.rsplit(".", 1)[-1].lower()
-            data = storage.read_bytes(storage.join(unit.source, rel), options=options)
-            block.add(key=rel, unit=unit.name, index=n, image_member=suffix, image=data, members=[],
-                      status=pending, error="")
-            if block.full:
-                yield block.take()
-        n = len(unit.images)
-    else:
-        try:
-            for sample in iter_tar_samples(unit.source, options=options, on_note=unit_notes.append):
-                member, image, members = _sample_fields(sample)
-                block.add(key=sample.key, unit=unit.name, index=n, image_member=member, image=image, members=members,
-                          status=pending if image is not None else S.Status.NO_IMAGE.value,
-                          error="" if image is not None else "sample has no image member", notes=sample.notes)
-                n += 1
+    try:
+        if unit.kind is UnitKind.IMAGES:  # the key is the relative path
+            for n, rel in enumerate(unit.images):
+                suffix = rel.rsplit(".", 1)[-1].lower()
+                data = storage.read_bytes(storage.join(unit.source, rel), options=options)
+                block.add(key=rel, unit=unit.name, index=n, image_member=suffix, image=data, members=[],
+                          status=pending, error="")
                 if block.full:
                     yield block.take()
-        except ShardReadError as e:
-            log.warning("shard %s: %s", unit.source, e)
-            error = str(e)
-            if e.partial is not None:
-                member, image, members = _sample_fields(e.partial)
-                block.add(key=e.partial.key, unit=unit.name, index=n, image_member=member, image=image,
-                          members=members, status=S.Status.TRUNCATED.value,
-                          error=f"sample cut off by a damaged shard: {e.reason}", notes=e.partial.notes)
-                n += 1
+            n = len(unit.images)
+        else:
+            try:
+                for sample in iter_tar_samples(unit.source, options=options, on_note=unit_notes.append):
+                    member, image, members = _sample_fields(sample)
+                    block.add(key=sample.key, unit=unit.name, index=n, image_member=member, image=image,
+                              members=members, status=pending if image is not None else S.Status.NO_IMAGE.value,
+                              error="" if image is not None else "sample has no image member", notes=sample.notes)
+                    n += 1
+                    if block.full:
+                        yield block.take()
+            except ShardReadError as e:
+                log.warning("shard %s: %s", unit.source, e)
+                error = str(e)
+                if e.partial is not None:
+                    member, image, members = _sample_fields(e.partial)
+                    block.add(key=e.partial.key, unit=unit.name, index=n, image_member=member, image=image,
+                              members=members, status=S.Status.TRUNCATED.value,
+                              error=f"sample cut off by a damaged shard: {e.reason}", notes=e.partial.notes)
+                    n += 1
+    except Exception as e:  # noqa: BLE001 - one unreadable unit must not stop the others: the driver records it
+        log.warning("unit %s cannot be read: %s", unit.name, e, exc_info=True)
+        n, error = -1, f"cannot read {unit.source}: {error_text(e)}"
     block.add(key="", unit=unit.name, index=S.END_INDEX, image_member=None, image=None, members=[], status=pending,
               error=error, unit_size=n, notes=unit_notes)
     table = block.take()

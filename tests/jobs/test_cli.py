@@ -107,8 +107,68 @@ def test_weights_import_then_restore_faces(tmp_path, capsys, dr2_reference) -> N
     ({"tau": 100}, "tau must be in 0..99"),
     ({"N": 16, "tau": 75}, "official rule gives 100"),
     ({"tau": 30, "omega": 20}, "omega must be in tau..99"),
-    ({"N": 0}, "N must be >= 1"),
+    ({"N": 0}, "must be a power of two"),
+    ({"N": 3}, "must be a power of two"),
 ])
 def test_dr2_settings_out_of_range_are_refused_up_front(kw, message) -> None:
     with pytest.raises(ValueError, match=message):
         PipelineConfig(src="a", dst="b", **kw)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_errors_name_the_problem_and_the_fix(tmp_path, capsys) -> None:
+    """What a newcomer tripped on: each failure is one line on stderr that says what to do (no traceback)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"\x89PNG not really")
+    dst_file = tmp_path / "out.txt"
+    dst_file.write_text("I am a file")
+    cases = [
+        (["restore", str(src), str(dst_file), "--restorer", "passthrough"], "choose a folder"),
+        (["restore", str(src), str(tmp_path / "o"), "--ddpm", str(tmp_path / "empty"), "--enhancer", "none"],
+         "dr2 weights import"),
+        (["restore", str(src), str(tmp_path / "o")], "--restorer dr2 needs --ddpm"),
+        (["restore", str(tmp_path / "nothing-here"), str(tmp_path / "o"), "--restorer", "passthrough"],
+         "no such file or directory"),
+        (["restore", str(src), str(tmp_path / "o"), "--N", "3"], "power of two"),
+        (["restore", str(src), str(tmp_path / "o"), "--tau", "30", "--omega", "20"], "pass an --omega in that range"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for args, hint in cases:
+        code, out, err = run_cli(args, capsys)
+        assert code == 2, (args, out, err)
+        assert hint in err and "Traceback" not in err and err.count("\n") == 1, (args, err)
+
+
+def test_unknown_preset_shows_the_restore_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["restore", "a", "b", "--preset", "brutal"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "restore" in err and "SRC" in err.upper() and "mild" in err
+
+
+def test_version_and_dry_run(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "dr2-pipeline" in capsys.readouterr().out
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"s{i}.tar").write_bytes(b"")
+    code, out, _ = run_cli(["restore", str(src), str(tmp_path / "dst"), "--restorer", "passthrough", "--dry-run",
+                            "--limit", "2"], capsys)
+    assert code == 0 and "3 unit(s)" in out and "2 to do" in out and "s0.tar" in out
+    assert not (tmp_path / "dst").exists()  # a dry run writes nothing
+
+
+def test_top_level_help_reads_as_text(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "nightly" in out and "check-output" in out

@@ -1,0 +1,98 @@
+"""``dr2 check-output DST``: verify a finished destination against its commit markers.
+
+For every ``.stats.json`` marker under DST (shards beside their outputs, image chunks under ``_dr2/manifests``):
+the output exists, has the size and sha256 the marker records, and holds the recorded number of samples (tar
+samples read back with the project's reader, or manifest lines). Also reported: ``.tar`` outputs without a
+marker (never committed, or not ours) and any staging left under ``_dr2_staging``. Nothing is modified.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline import storage
+from pipeline.storage import StorageOptions
+from pipeline.units import MANIFEST_DIR, MARKER_SUFFIX, STAGING_DIR
+from pipeline.wds import ShardReadError, iter_tar_samples
+
+
+@dataclass(frozen=True)
+class Check:
+    unit: str
+    samples: int | None
+    bytes: int | None
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def check_output(dst: str, *, options: StorageOptions | None = None) -> list[Check]:
+    listing = {o.uri: o for o in storage.list_objects(dst.rstrip("/") + "/", options=options)}
+    root = dst.rstrip("/") + "/"
+    if not storage.is_s3(dst):
+        root = str(storage.local_path(dst).resolve()) + "/"
+        listing = {str(storage.local_path(u).resolve()): o for u, o in listing.items()}
+    checks: list[Check] = []
+    covered: set[str] = set()
+    for uri in sorted(listing):
+        rel = uri[len(root):]
+        if not rel.endswith(MARKER_SUFFIX) or rel.startswith(STAGING_DIR + "/"):
+            continue
+        covered.add(uri)
+        try:
+            marker = json.loads(storage.read_bytes(uri, options=options))
+        except ValueError as e:
+            checks.append(Check(rel, None, None, f"marker is not JSON: {e}"))
+            continue
+        name = str(marker.get("unit") or marker.get("shard") or rel)
+        chunk = rel.startswith(MANIFEST_DIR + "/")
+        out_rel = f"{MANIFEST_DIR}/{name}.jsonl" if chunk else name
+        out_uri = root + out_rel
+        covered.add(out_uri)
+        checks.append(_check_unit(name, out_uri, listing.get(out_uri), marker, chunk, options))
+    for uri in sorted(listing):
+        rel = uri[len(root):]
+        if rel.startswith(STAGING_DIR + "/"):
+            checks.append(Check(rel, None, listing[uri].size, "staging left behind (a run was interrupted: rerun it)"))
+        elif rel.endswith(".tar") and uri not in covered:
+            checks.append(Check(rel, None, listing[uri].size, "no marker: never committed (or not written by dr2)"))
+    return checks
+
+
+def _check_unit(name: str, out_uri: str, listed: storage.ObjectInfo | None, marker: dict[str, object], chunk: bool,
+                options: StorageOptions | None) -> Check:
+    want_count = marker.get("count", marker.get("samples"))
+    if listed is None:
+        return Check(name, None, None, "output missing")
+    if marker.get("bytes") is not None and listed.size != marker["bytes"]:
+        return Check(name, None, listed.size, f"size {listed.size} != marker's {marker['bytes']}")
+    if marker.get("sha256") and storage.sha256_of(out_uri, options=options) != marker["sha256"]:
+        return Check(name, None, listed.size, "sha256 differs from the marker's")
+    try:
+        if chunk:
+            count = len(storage.read_bytes(out_uri, options=options).splitlines())
+        else:
+            count = sum(1 for _ in iter_tar_samples(out_uri, options=options))
+    except ShardReadError as e:
+        return Check(name, None, listed.size, f"unreadable: {e.reason}")
+    if want_count is not None and count != want_count:
+        return Check(name, count, listed.size, f"{count} samples, marker says {want_count}")
+    return Check(name, count, listed.size)
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    if not checks:
+        return "no markers found: not a dr2 output, or nothing was committed yet"
+    width = max(len(c.unit) for c in checks)
+    lines = [f"{'unit':<{width}}  {'samples':>8}  {'bytes':>12}  result"]
+    for c in checks:
+        samples = "" if c.samples is None else str(c.samples)
+        size = "" if c.bytes is None else str(c.bytes)
+        lines.append(f"{c.unit:<{width}}  {samples:>8}  {size:>12}  {'ok' if c.ok else 'MISMATCH: ' + c.problem}")
+    bad = sum(not c.ok for c in checks)
+    lines.append(f"{len(checks)} checked, {bad} mismatch(es)" if bad else f"{len(checks)} checked, all match")
+    return "\n".join(lines)
