@@ -273,6 +273,7 @@ COLUMNS = [
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The header as a list, then one table row per (precision, batch)."""
     head = result["header"]
     lines = [f"# dr2 bench: {head['device']} ({head['card']}), {head['models']}", ""]
     for k in ("torch", "N/tau/omega", "UNet calls per face", "GFLOP per UNet call", "GFLOP per enhancer pass",
@@ -351,10 +352,16 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 restorer_fps = row["restorer_faces_per_s"]
                 if archive is not None:
                     dst = tmp / f"restored-{precision}-{batch}"
-                    fps, n_faces, secs = pipeline_faces_per_s(archive, dst, device=device, precision=precision,
-                                                              batch=batch, opts=opts, model_dirs=model_dirs)
-                    row.update(pipeline_faces_per_s=fps, pipeline_faces=n_faces, pipeline_seconds=secs,
-                               pipeline_efficiency=fps / restorer_fps)
+                    try:
+                        fps, n_faces, secs = pipeline_faces_per_s(archive, dst, device=device, precision=precision,
+                                                                  batch=batch, opts=opts, model_dirs=model_dirs)
+                    except RuntimeError as e:  # shown in the table and the exit status, never dropped
+                        log.error("pipeline row %s/b%d failed: %s", precision, batch, e)
+                        row["pipeline_faces_per_s"] = row["pipeline_efficiency"] = "FAILED"
+                        row["pipeline_error"] = str(e).strip().splitlines()[-1][:300]
+                    else:
+                        row.update(pipeline_faces_per_s=fps, pipeline_faces=n_faces, pipeline_seconds=secs,
+                                   pipeline_efficiency=fps / restorer_fps)
                     shutil.rmtree(dst, ignore_errors=True)
                 rows.append(row)
     finally:
@@ -443,6 +450,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if opts.out is not None:
         (opts.out / "bench.md").write_text(md)
         (opts.out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    failed = [f"{r['precision']}/b{r['batch']}: {r['pipeline_error']}" for r in result["rows"] if "pipeline_error" in r]
+    if failed:
+        print("pipeline rows FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

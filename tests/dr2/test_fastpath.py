@@ -66,11 +66,11 @@ def test_sdpa_unet_matches_golden_fixture(tiny_unet: UNetModel, dr2_reference: P
             # Measured: 0.0 (as the explicit path); the golden tolerance is 1e-5.
             assert _rel(out, ref.numpy()) < 1e-5
             # Autocast keeps GroupNorm, the timestep embedding and the softmax in float32.
-            # Measured rel. error vs the fp32 reference: bf16 1.35e-2 (math path 1.50e-2), fp16 1.65e-3.
+            # Measured rel. error vs the fp32 reference: bf16 1.35e-2 (math path 1.50e-2). fp16 measured 1.65e-3
+            # (bound 4e-3), not run here: fp16 convolutions are slow on CPU; dr2/verify.py DEVICE_BANDS and
+            # scripts/gpu_check.sh check it on the device.
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert _rel(tiny_unet(x, t), ref.numpy()) < 3e-2
-            with torch.autocast("cpu", dtype=torch.float16):
-                assert _rel(tiny_unet(x, t), ref.numpy()) < 4e-3
     finally:
         tiny_unet.set_attention("math")
     with pytest.raises(ValueError, match="attention must be"):
