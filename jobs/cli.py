@@ -90,9 +90,13 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     c.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
 
     d = sub.add_parser("demo", help="build a demo archive and restore it on a local Ray", description=(
-        "Builds demo/archive (degraded public-domain photos, a face-less photo, a corrupt JPEG, a sample without "
-        "an image), restores it into demo/restored and writes demo/preview.png (before | after). Without "
-        "--ddpm/--enhancer it runs the TINY RANDOM models: every stage runs, but faces are not really restored."))
+        "Builds demo/archive (real public-domain photos degraded at three strengths, a face-less photo, broken "
+        "files, a sample without an image), runs the job into demo/restored, writes the run report "
+        "(demo/restored/_dr2/report/index.html), demo/detections.png (boxes, landmarks, aligned crops) and "
+        "demo/preview.png (before | after). Without --ddpm it runs --restorer passthrough: every stage but DR2 is "
+        "real and faces are pasted back unchanged; --tiny runs tiny random models through every stage instead."))
+    d.add_argument("--tiny", action="store_true", help="tiny RANDOM models through every stage (faces become noise)")
+    d.add_argument("--quiet", action="store_true", help="no progress line")
     d.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default: demo)")
     d.add_argument("--ddpm", default="", help="DDPM model dir (from `dr2 weights import`) for real restorations")
     d.add_argument("--enhancer", default="", help="SPARNetHD model dir, or 'none'")
@@ -179,6 +183,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     summary = run_restore(cfg)
     print(summary.table())
     print(f"output: {cfg.dst}")
+    if summary.report:
+        print(f"report: {summary.report}")
+    if cfg.restorer.value == "passthrough" and summary.faces:
+        print("(passthrough: faces were detected, aligned and pasted back unchanged; nothing was restored)")
     if summary.failed:
         print(f"dr2 restore: {len(summary.failed)} unit(s) failed (listed above); the others are committed. "
               "Rerun the same command to retry them.", file=sys.stderr)
@@ -213,31 +221,42 @@ def cmd_check_output(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import build_demo_archive, write_preview
+    from jobs.demo import build_demo_archive, write_detection_preview, write_preview
     from jobs.restore import run_restore
     from pipeline.config import RestorerKind
 
     archive = build_demo_archive(args.out / "archive")
     real = bool(args.ddpm)
+    kind = RestorerKind.DR2 if real else (RestorerKind.TINY if args.tiny else RestorerKind.PASSTHROUGH)
     cfg = PipelineConfig(
         src=str(archive / "shard-{000..001}.tar"),
         dst=str(args.out / "restored"),
-        restorer=RestorerKind.DR2 if real else RestorerKind.TINY,
+        restorer=kind,
         ddpm=args.ddpm,
         enhancer=args.enhancer or ("none" if real else ""),
         overwrite=True,
+        progress="quiet" if args.quiet else "auto",
         **load_preset(args.preset),
     )
-    if not real:
-        print("dr2 demo: no --ddpm given, so the TINY RANDOM models run: every stage is real, the pasted faces are "
-              "not restorations. See README, 'Weights'.")
+    if kind is RestorerKind.PASSTHROUGH:
+        print("dr2 demo: no DR2 weights given (--ddpm), so faces are detected, aligned and pasted back UNCHANGED "
+              "(--restorer passthrough): every stage but DR2 runs for real. To restore faces, import the official "
+              "weights (`dr2 weights import`, see README 'Weights') and pass --ddpm/--enhancer; --tiny runs tiny "
+              "RANDOM models through every stage instead (a full-stage check; their faces are noise).")
+    elif kind is RestorerKind.TINY:
+        print("dr2 demo: --tiny: TINY RANDOM models run through every stage; the pasted faces are noise, not "
+              "restorations.")
     summary = run_restore(cfg)
-    banner = "" if real else "TINY RANDOM MODELS: faces found and pasted, not restored"
+    banner = {RestorerKind.DR2: "", RestorerKind.TINY: "TINY RANDOM MODELS: a full-stage check, faces are noise",
+              RestorerKind.PASSTHROUGH: "no weights: faces detected, aligned and pasted back unchanged"}[kind]
+    detections = write_detection_preview(archive, Path(cfg.dst), args.out / "detections.png")
     preview = write_preview(archive, Path(cfg.dst), args.out / "preview.png", banner=banner)
     print(summary.table())
     print(f"input shards:   {archive}/shard-*.tar")
     print(f"output shards:  {cfg.dst}/shard-*.tar (+ .stats.json, _dr2/config.json)")
+    print(f"detections:     {detections} (boxes, landmarks and aligned crops per photo)")
     print(f"preview:        {preview} (input | output per sample)")
+    print(f"report:         {summary.report} (open it in a browser)")
     return 0
 
 

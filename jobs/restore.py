@@ -85,6 +85,12 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)  # units that could not be done, with the reason
     config_hash: str = ""
     model_info: dict[str, Any] = field(default_factory=dict)
+    suspect: int = 0  # restored faces with a quality flag
+    sheet: list[dict[str, Any]] = field(default_factory=list)  # the report's contact-sheet entries (bounded)
+    non_ok: list[dict[str, Any]] = field(default_factory=list)  # non-ok samples for the report (bounded)
+    non_ok_total: int = 0
+    report: str = ""  # the report page's URI, once written
+    started: float = field(default_factory=time.time)
 
     def table(self) -> str:
         lines = [
@@ -102,6 +108,8 @@ class RunSummary:
         if self.first_commit_seconds is not None:
             lines.append(f"{'first unit committed':<24}{self.first_commit_seconds:.1f} s after start "
                          f"(planning {self.plan_seconds:.1f} s)")
+        if self.suspect:
+            lines.append(f"{'suspect faces':<24}{self.suspect} (quality flags; listed first in the report)")
         for unit, err in self.read_errors.items():
             lines.append(f"{'read error':<24}{unit}: {err}")
         for unit, err in self.failed.items():
@@ -268,6 +276,8 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     init_ray(cfg)
     from pipeline.progress import Progress
 
+    if cfg.report and cfg.report_faces_per_thousand is None:
+        cfg = dataclasses.replace(cfg, report_faces_per_thousand=sheet_rate(cfg, todo))
     images = sum(len(u.images) for u in todo)
     bar = Progress(len(todo), images or None, mode=cfg.progress)
     progress = {u.name: UnitProgress(u) for u in todo}
@@ -305,8 +315,9 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                 if p.expected is not None and p.expected < 0:  # the unit could not be read: record it, go on
                     _fail(p, p.read_error, summary, on_unit)
                     continue
-            else:
-                p.parts.setdefault((part["first"], part["last"]), part)
+            elif (part["first"], part["last"]) not in p.parts:
+                p.parts[(part["first"], part["last"])] = part
+                _collect_report_rows(summary, part)
             chain = p.cover()
             if part["first"] >= 0:
                 bar.update(rows=part["last"] - part["first"] + 1, faces=int(part["faces"]),
@@ -344,8 +355,71 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         if not p.committed and p.unit.name not in summary.failed:
             _fail(p, "not all samples arrived (a bug: please report it)", summary, on_unit)
     summary.seconds = time.perf_counter() - t0
+    if cfg.report:
+        summary.report = write_run_report(cfg, summary)
     log.debug("summary\n%s", summary.table())  # the CLI prints it
     return summary
+
+
+TYPICAL_BYTES_PER_FACE = 150_000  # a web photo with one face: only to size the report's sample
+
+
+def sheet_rate(cfg: PipelineConfig, units: Sequence[Unit]) -> int:
+    """Per-1000 sampling rate of the contact sheet, so that about ``cfg.report_faces`` faces are kept whatever the
+    archive's size; estimated from the input's bytes (the listing gives them) before any face is found."""
+    size = sum(int(u.input.split(":", 1)[0]) for u in units if u.kind is UnitKind.SHARD and ":" in u.input)
+    faces = max(1, size // TYPICAL_BYTES_PER_FACE, sum(len(u.images) for u in units))
+    return max(1, min(1000, -(-cfg.report_faces * 1000 // faces)))
+
+
+MAX_SHEET = 2000  # contact-sheet entries the driver keeps (the report shows the worst 500)
+MAX_NON_OK = 500
+
+
+def _collect_report_rows(summary: RunSummary, part: dict[str, Any]) -> None:
+    """Keep what the report needs from a part summary, bounded: the driver's memory stays flat in rows."""
+    summary.suspect += int(part.get("suspect") or 0)
+    if part.get("sheet"):
+        summary.sheet.extend(json.loads(part["sheet"]))
+        if len(summary.sheet) > MAX_SHEET:
+            from pipeline.report import normalise
+
+            summary.sheet = normalise({"run": {}, "faces": summary.sheet})["faces"][: MAX_SHEET // 2]
+    rows = part.get("non_ok") or []
+    summary.non_ok_total += len(rows)
+    room = MAX_NON_OK - len(summary.non_ok)
+    summary.non_ok.extend({"shard": part[S.UNIT], **r} for r in rows[: max(0, room)])
+
+
+def write_run_report(cfg: PipelineConfig, summary: RunSummary) -> str:
+    """``DST/_dr2/report/index.html`` (+ ``report.json``) for this run: counts, timings, units, the contact sheet of
+    faces (worst first) and the samples that were not ok."""
+    from pipeline import report
+
+    def iso(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    rep = {
+        "run": {"started": iso(summary.started), "ended": iso(summary.started + summary.seconds),
+                "wall_seconds": round(summary.seconds, 3), "config": cfg.to_dict(),
+                "config_hash": summary.config_hash, "models": summary.model_info},
+        "counts": {"samples": dict(sorted(summary.statuses.items())), "faces_found": summary.faces_found,
+                   "faces_restored": summary.faces,
+                   "faces_per_second": round(summary.faces / summary.seconds, 4) if summary.seconds else 0.0,
+                   "suspect_faces": summary.suspect},
+        "units": {"done": summary.units_done, "skipped": summary.units_skipped,
+                  "failed": [{"unit": u, "reason": r} for u, r in summary.failed.items()]},
+        "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items() if v},
+        "quality_thresholds": dataclasses.asdict(cfg.quality_thresholds()),
+        "faces": summary.sheet,
+        "non_ok": summary.non_ok,
+        "non_ok_total": summary.non_ok_total,
+    }
+    try:
+        return report.write_report(cfg.dst, rep)
+    except Exception as e:  # noqa: BLE001 - the outputs are committed; a report that cannot be written is a warning
+        log.warning("could not write the run report: %s", e)
+        return ""
 
 
 def one_line(e: BaseException) -> str:

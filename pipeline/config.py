@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dr2.configs import check_known_keys
 from pipeline.schema import FaceSelect
 from pipeline.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from pipeline.quality import QualityThresholds
 
 
 class InputFormat(StrEnum):
@@ -64,6 +67,12 @@ class PipelineConfig:
     min_face_size: int = _f(24, "skip faces whose box is smaller than this (pixels)")
     detect_threshold: float = _f(0.9, "MTCNN O-Net score threshold for a face")
     detect_max_side: int | None = _f(2048, "detect on a copy whose longer side is at most this; none = full size")
+    # --- quality flags (dr2.json, the report): a flagged face is "suspect", kept, never dropped ---
+    suspect_min_lowfreq_psnr: float = _f(20.0, "flag a face whose low frequencies drift from the input's below this "
+                                               "PSNR (dB, through DR2's own down/up-by-N filter)")
+    suspect_max_delta_e: float = _f(10.0, "flag a face whose colours shift by more than this mean CIE76 Delta E")
+    suspect_min_sharpness_gain: float = _f(0.2, "flag a face whose Laplacian variance falls below this x the input's")
+    suspect_max_sharpness_gain: float = _f(1000.0, "flag a face whose Laplacian variance exceeds this x the input's")
     # --- images ---
     max_pixels: int = _f(100_000_000, "images over this many pixels are passed through with status too_large")
     jpeg_quality: int = _f(95, "quality of re-encoded JPEG outputs")
@@ -92,6 +101,11 @@ class PipelineConfig:
     wait: float = _f(0.0, "seconds to wait while another run holds DST (default 0: stop at once and name it)")
     limit: int | None = _f(None, "process at most this many units (shards/chunks) of those not done yet: a trial run")
     endpoint_url: str | None = _f(None, "S3 endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL or AWS")
+    report: bool = _f(True, "write the run report DST/_dr2/report/index.html (+ report.json, face thumbnails)")
+    report_faces: int = _f(200, "about this many faces on the report's contact sheet, a sample chosen by key hash "
+                                "(suspect faces always; the page shows the worst 500)")
+    report_faces_per_thousand: int | None = _f(None, "sheet sampling rate per 1000 faces; none: from --report-faces and "
+                                                     "the input's size", cli=False)
     progress: str = _f("auto", "progress display: bar (a terminal), plain (a line every 30 s), json (one object per "
                        "update, for logs), quiet; auto picks bar on a terminal, else plain",
                        choices=("auto", "bar", "plain", "json", "quiet"))
@@ -104,7 +118,8 @@ class PipelineConfig:
             "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
             "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
-            "verify", "wait", "limit", "progress", "ray_logs",
+            "verify", "wait", "limit", "progress", "ray_logs", "report", "report_faces",
+            "report_faces_per_thousand",
         }
     )
 
@@ -132,6 +147,26 @@ class PipelineConfig:
         from dr2.diffusion import default_omega  # torch: imported only where a rule must be evaluated
 
         return default_omega(self.N, self.tau)
+
+    def quality_thresholds(self) -> QualityThresholds:
+        from pipeline.quality import QualityThresholds
+
+        return QualityThresholds(min_lowfreq_psnr=self.suspect_min_lowfreq_psnr, max_delta_e=self.suspect_max_delta_e,
+                                 min_sharpness_gain=self.suspect_min_sharpness_gain,
+                                 max_sharpness_gain=self.suspect_max_sharpness_gain)
+
+    @cached_property
+    def ddpm_size(self) -> int:
+        """The DDPM's image size, where DR2's low-pass acts (256 for the official weights, 64 for the tiny models;
+        the passthrough restorer has none: 512, the crop itself). Read from the model directory's config.json."""
+        if self.restorer is RestorerKind.TINY:
+            return 64
+        if self.restorer is RestorerKind.PASSTHROUGH or not self.ddpm:
+            return 512
+        from pipeline import storage
+
+        blob = json.loads(storage.read_bytes(storage.join(self.ddpm, "config.json"), options=self.storage_options()))
+        return int(blob.get("config", {}).get("image_size", 256))
 
     @property
     def faces_block(self) -> int:

@@ -23,6 +23,8 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
   flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened).
 * ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration.
 * ``restored``: restored faces, same layout as ``crops``; dropped after paste-back.
+* ``dr2_thumbs``: per restored face, DR2's own output (before the enhancer) as a 160x160x3 uint8 thumbnail, for
+  the run report's contact sheet.
 * ``decoded``: what re-encoding needs of the decoded image (:func:`pipeline.decode.decoded_to_record`), kept
   only for rows that have faces to paste back, so that no image is decoded twice.
 * ``output``: the composed, re-encoded image (or the input bytes for a passed-through row).
@@ -50,6 +52,7 @@ MEMBER_DATA = "member_data"
 FACES = "faces"
 CROPS = "crops"
 RESTORED = "restored"
+DR2_THUMBS = "dr2_thumbs"
 DECODED = "decoded"
 OUTPUT = "output"
 STATUS = "status"
@@ -105,6 +108,7 @@ ROW_SCHEMA = pa.schema(
         (FACES, pa.list_(FACE_TYPE)),
         (CROPS, pa.list_(pa.large_binary())),
         (RESTORED, pa.list_(pa.large_binary())),
+        (DR2_THUMBS, pa.list_(pa.binary())),
         (DECODED, DECODED_TYPE),
         (OUTPUT, pa.large_binary()),
         (STATUS, pa.string()),
@@ -126,6 +130,9 @@ SUMMARY_SCHEMA = pa.schema(
         ("faces_found", pa.int64()),
         ("seconds", TIMINGS_TYPE),
         (NOTES, pa.list_(NOTE_TYPE)),  # end rows: members of the unit not carried (unsafe keys, ...)
+        ("suspect", pa.int64()),  # restored faces with a quality flag
+        ("sheet", pa.string()),  # the report's contact-sheet entries of this part, JSON (report.face_entry)
+        ("non_ok", pa.list_(pa.struct([("key", pa.string()), ("status", pa.string()), ("error", pa.string())]))),
     ]
 )
 """What reaches the driver: one small row per staged part (and one per unit end), never one per sample."""

@@ -32,6 +32,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -356,9 +357,9 @@ def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) 
     faces: list[tuple[int, int, bytes]] = [(i, j, c) for i in todo for j, c in enumerate(crops_col[i].as_py())]
     face_keys = [face_key(units[i].as_py(), keys[i].as_py(), j) for i, j, _ in faces]
     t0 = time.perf_counter()
-    out: list[np.ndarray | None]
+    out: list[tuple[np.ndarray, np.ndarray] | None]
     try:
-        out = list(restorer.restore(_stack([c for _, _, c in faces]), face_keys, N=cfg.N, tau=cfg.tau))
+        out = list(_restore_stages(restorer, _stack([c for _, _, c in faces]), face_keys, cfg))
     except Exception:  # noqa: BLE001 - isolate the faces that fail
         log.warning("restoring %d faces at once failed; retrying them one by one", len(faces), exc_info=True)
         out = []
@@ -368,38 +369,71 @@ def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) 
             out.append(one)
     per_face = (time.perf_counter() - t0) / len(faces)
     restored: list[list[bytes] | None] = [None] * table.num_rows
+    thumbs: list[list[bytes] | None] = [None] * table.num_rows
     for (i, j, _), face in zip(faces, out, strict=True):
         timings[i]["restore"] += per_face
         if face is None or not _pending(status[i]):
             continue
         if restored[i] is None:
-            restored[i] = []
-        row = restored[i]
-        assert row is not None and len(row) == j  # faces of a row arrive in order
-        row.append(np.ascontiguousarray(face).tobytes())
-    return _replace(table, {S.STATUS: status, S.ERROR: error, S.TIMINGS: timings, S.RESTORED: restored})
+            restored[i], thumbs[i] = [], []
+        row, row_thumbs = restored[i], thumbs[i]
+        assert row is not None and row_thumbs is not None and len(row) == j  # faces of a row arrive in order
+        row.append(np.ascontiguousarray(face[0]).tobytes())
+        row_thumbs.append(face[1].tobytes())
+    return _replace(table, {S.STATUS: status, S.ERROR: error, S.TIMINGS: timings, S.RESTORED: restored,
+                            S.DR2_THUMBS: thumbs})
+
+
+THUMB = 160  # the report's thumbnail size: DR2's own output travels on only at this size
+
+
+def _restore_stages(restorer: FaceRestorer, faces: np.ndarray, keys: list[str],
+                    cfg: PipelineConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(enhanced output, THUMBxTHUMB thumbnail of the DR2 output before the enhancer) per face."""
+    import cv2
+
+    stages_of = getattr(restorer, "restore_stages", None)
+    if stages_of is None:
+        enhanced = restorer.restore(faces, keys, N=cfg.N, tau=cfg.tau)
+        dr2 = enhanced
+    else:
+        out = stages_of(faces, keys, N=cfg.N, tau=cfg.tau)
+        enhanced, dr2 = out["enhanced"], out["dr2"]
+    return [(e, cv2.resize(np.ascontiguousarray(d), (THUMB, THUMB), interpolation=cv2.INTER_AREA))
+            for e, d in zip(enhanced, dr2, strict=True)]
 
 
 def _stack(crops: Sequence[bytes]) -> np.ndarray:
     return np.stack([np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3) for c in crops])
 
 
-def _restore_one(restorer: FaceRestorer, crop: bytes, key: str, cfg: PipelineConfig) -> np.ndarray:
-    return restorer.restore(_stack([crop]), [key], N=cfg.N, tau=cfg.tau)[0]
+def _restore_one(restorer: FaceRestorer, crop: bytes, key: str,
+                 cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    return _restore_stages(restorer, _stack([crop]), [key], cfg)[0]
 
 
 # --------------------------------------------------------------------------------------------- 4. compose + write
 
 
-def compose_block(table: pa.Table, cfg: PipelineConfig) -> tuple[list[str], list[str], list[bytes | None],
-                                                                 list[dict[str, float]]]:
+@dataclass
+class Composed:
+    """What :func:`compose_block` decided for every row of a block."""
+
+    status: list[str]
+    error: list[str]
+    output: list[bytes | None]  # None: the input bytes pass through
+    timings: list[dict[str, float]]
+    rgb: dict[int, np.ndarray]  # the composed photos of the rows restored (for the report's pasted region)
+
+
+def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
     """Paste restored faces back and encode, from the ``decoded`` column (no second decode).
 
-    Returns the final ``status``, ``error``, ``output`` (None: the input bytes pass through) and ``timings``
-    of every row. Rows never restored (no crops) end as ``no_face``.
+    Rows never restored (no crops) end as ``no_face``.
     """
     status, error, timings = _column(table, S.STATUS), _column(table, S.ERROR), _timings(table)
     output: list[bytes | None] = [None] * table.num_rows
+    composed: dict[int, np.ndarray] = {}
     restored = table.column(S.RESTORED)
     index = table.column(S.INDEX).to_numpy()
     for i in range(table.num_rows):
@@ -409,14 +443,14 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> tuple[list[str], list
             t0 = time.perf_counter()
             out = guarded(status, error, i, S.Status.ENCODE_ERROR, _compose_row, table, i, cfg)
             if out is not None:
-                output[i], status[i] = out, S.Status.OK.value
+                (output[i], composed[i]), status[i] = out, S.Status.OK.value
             timings[i]["compose"] += time.perf_counter() - t0
         if _pending(status[i]):  # never restored (e.g. no crops): pass through
             status[i] = S.Status.NO_FACE.value
-    return status, error, output, timings
+    return Composed(status, error, output, timings, composed)
 
 
-def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> bytes:
+def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> tuple[bytes, np.ndarray]:
     from pipeline.decode import decoded_from_record, encode_image
     from pipeline.faces import paste_faces
 
@@ -424,20 +458,29 @@ def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> bytes:
     affines = [np.array(f["affine"], np.float64).reshape(2, 3) for f in table.column(S.FACES)[i].as_py()]
     restored = [np.frombuffer(b, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
                 for b in table.column(S.RESTORED)[i].as_py()]
-    return encode_image(img, paste_faces(img.rgb, affines, restored), jpeg_quality=cfg.jpeg_quality)
+    rgb = paste_faces(img.rgb, affines, restored)
+    return encode_image(img, rgb, jpeg_quality=cfg.jpeg_quality), rgb
 
 
 def sample_metadata(*, key: str, status: str, error: str, image_member: str | None,
                     faces: list[dict[str, Any]] | None, timings: dict[str, float] | None, cfg: PipelineConfig,
-                    model_info: dict[str, Any], notes: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """The ``dr2.json`` member of a sample. Deterministic unless ``record_timings`` is set."""
+                    model_info: dict[str, Any], notes: list[dict[str, str]] | None = None,
+                    quality: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``dr2.json`` member of a sample. Deterministic unless ``record_timings`` is set.
+
+    ``quality`` (restored faces only): per face the measures of :mod:`pipeline.quality` and their ``flags``; a
+    sample with any flagged face is ``suspect`` (kept, never dropped).
+    """
     shown = status in (S.Status.OK.value, S.Status.RESTORE_ERROR.value, S.Status.ENCODE_ERROR.value)
+    shown_faces = [face_json(f) for f in faces or []] if shown else []
+    for face, q in zip(shown_faces, quality or [], strict=False):
+        face["quality"] = q
     meta: dict[str, Any] = {
         "key": key,
         "status": status,
         "error": error,
         "image_member": image_member,
-        "faces": [face_json(f) for f in faces or []] if shown else [],
+        "faces": shown_faces,
         "N": cfg.N,
         "tau": cfg.tau,
         "omega": cfg.resolved_omega,
@@ -445,6 +488,8 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
         "restorer": cfg.restorer.value,
         "models": model_info,
     }
+    if quality is not None:
+        meta["suspect"] = any(q["flags"] for q in quality)
     if notes:
         meta["skipped_members"] = notes
     if cfg.record_timings and timings is not None:
@@ -478,7 +523,8 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
                 kind: UnitKind) -> pa.Table:
     """Compose, then stage one part per run of consecutive indexes (normally one per block): a tar part for a
     shard, or the images plus a manifest part for a chunk. Returns the summary rows the driver needs."""
-    status, error, output, timings = compose_block(table, cfg)
+    composed = compose_block(table, cfg)
+    status, error, output, timings = composed.status, composed.error, composed.output, composed.timings
     options = cfg.storage_options()
     unit_names = _column(table, S.UNIT)
     index = table.column(S.INDEX).to_numpy()
@@ -488,8 +534,10 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
     for name, first, run in _runs(unit_names, index):
         unit = Unit(name=name, kind=kind, source="")  # staging and output names need only kind and name
         t0 = time.perf_counter()
+        quality, sheet = _judge_faces(table, run, composed, cfg)
         metas = [sample_metadata(key=keys[r], status=status[r], error=error[r], image_member=members[r], faces=faces[r],
-                                 timings=timings[r], cfg=cfg, model_info=model_info, notes=notes[r]) for r in run]
+                                 timings=timings[r], cfg=cfg, model_info=model_info, notes=notes[r],
+                                 quality=quality.get(r)) for r in run]
         if unit.kind is UnitKind.SHARD:
             data = encode_tar_part(_output_samples(table, run, output, metas))
         else:
@@ -507,13 +555,57 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
             "statuses": sorted(statuses.items()),
             "faces": sum(len(faces[r] or []) for r in run if status[r] == S.Status.OK.value),
             "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds, S.NOTES: None,
+            "suspect": sum(bool(q["flags"]) for r in run for q in quality.get(r, [])),
+            "sheet": json.dumps(sheet) if sheet else None,
+            "non_ok": [{"key": keys[r], "status": status[r], "error": error[r]} for r in run
+                       if status[r] not in (S.Status.OK.value, S.Status.NO_FACE.value)][:NON_OK_PER_PART] or None,
         })
     for end in np.flatnonzero(index == S.END_INDEX):
         r = int(end)
         summaries.append({S.UNIT: unit_names[r], "first": -1, "last": -1,
                           S.UNIT_SIZE: table.column(S.UNIT_SIZE)[r].as_py(), S.ERROR: error[r], "statuses": [],
-                          "faces": 0, "faces_found": 0, "seconds": timings[r], S.NOTES: notes[r]})
+                          "faces": 0, "faces_found": 0, "seconds": timings[r], S.NOTES: notes[r], "suspect": 0,
+                          "sheet": None, "non_ok": None})
     return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
+
+
+NON_OK_PER_PART = 50  # the report lists non-ok samples; the driver keeps a bounded number of them
+
+
+def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
+                 cfg: PipelineConfig) -> tuple[dict[int, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Quality measures and flags of every restored face of ``run`` (row -> per face), and the report's contact
+    sheet entries for the faces selected by key hash (always the suspect ones), their thumbnails written."""
+    from pipeline import report
+    from pipeline.quality import measure_face
+
+    thresholds = cfg.quality_thresholds()
+    quality: dict[int, list[dict[str, Any]]] = {}
+    sheet: list[dict[str, Any]] = []
+    crops, restored, thumbs = table.column(S.CROPS), table.column(S.RESTORED), table.column(S.DR2_THUMBS)
+    for r in run:
+        if composed.status[r] != S.Status.OK.value:
+            continue
+        unit, key = table.column(S.UNIT)[r].as_py(), table.column(S.KEY)[r].as_py()
+        boxes = [f["box"] for f in table.column(S.FACES)[r].as_py()]
+        row_thumbs = thumbs[r].as_py() or []
+        quality[r] = []
+        for j, (c, o) in enumerate(zip(crops[r].as_py(), restored[r].as_py(), strict=True)):
+            inp = np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
+            out = np.frombuffer(o, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
+            q = measure_face(inp, out, N=cfg.N, ddpm_size=cfg.ddpm_size)
+            entry = report.face_entry(shard=unit, key=key, face_index=j, images={}, quality=q, thresholds=thresholds)
+            quality[r].append({**q.to_dict(), "flags": entry["flags"]})
+            if cfg.report and report.face_sheet_selected(face_key(unit, key, j), suspect=bool(entry["flags"]),
+                                                         limit_per_thousand=cfg.report_faces_per_thousand or 1000):
+                images = {"input": inp, "enhanced": out,
+                          "pasted": report.pasted_region(composed.rgb[r], tuple(boxes[j]))}  # type: ignore[arg-type]
+                if j < len(row_thumbs):
+                    images["dr2"] = np.frombuffer(row_thumbs[j], np.uint8).reshape(THUMB, THUMB, 3)
+                entry["images"] = report.write_face_images(report.report_uri(cfg.dst),
+                                                           report.face_entry_id(unit, key, j), images)
+                sheet.append(entry)
+    return quality, sheet
 
 
 def _output_samples(table: pa.Table, run: list[int], output: list[bytes | None],

@@ -94,10 +94,19 @@ def test_detection_preview_of_a_passthrough_run(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_demo_restores_its_archive_and_writes_a_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "TINY RANDOM" in out and "preview" in out
+    assert "passthrough" in out and "dr2 weights import" in out and "preview" in out  # says what ran, and the way on
     assert _statuses(tmp_path / "restored") == EXPECTED_STATUSES
     preview = cv2.imread(str(tmp_path / "preview.png"))
     # banner + one row per sample with an image member (all but caption_only)
     assert preview is not None and preview.shape[1] == 512 and preview.shape[0] == 32 + 9 * 256
+    assert cv2.imread(str(tmp_path / "detections.png")) is not None
+    report = json.loads((tmp_path / "restored" / "_dr2" / "report" / "report.json").read_text())
+    assert report["counts"]["samples"] == {"ok": 6, "no_face": 1, "decode_error": 2, "no_image": 1}
+    assert report["counts"]["faces_restored"] == 6 and len(report["faces"]) >= 1
+    face = report["faces"][0]
+    assert set(face["images"]) == {"input", "dr2", "enhanced", "pasted"}
+    for rel in face["images"].values():
+        assert (tmp_path / "restored" / "_dr2" / "report" / rel).is_file()
+    assert "report" in out and "index.html" in out

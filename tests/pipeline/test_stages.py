@@ -126,6 +126,10 @@ class FailsOnDarkFaces(PassthroughRestorer):
             raise RuntimeError("cannot restore a black face")
         return 255 - faces
 
+    def restore_stages(self, faces: np.ndarray, keys: Any, *, N: int, tau: int) -> dict[str, np.ndarray]:
+        out = self.restore(faces, keys, N=N, tau=tau)
+        return {"dr2": out, "enhanced": out}
+
 
 def test_restore_block_retries_a_failed_batch_face_by_face(tmp_path: Path, photos: dict[str, bytes],
                                                            detector: Any) -> None:
