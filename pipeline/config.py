@@ -104,8 +104,8 @@ class PipelineConfig:
     report: bool = _f(True, "write the run report DST/_dr2/report/index.html (+ report.json, face thumbnails)")
     report_faces: int = _f(200, "about this many faces on the report's contact sheet, a sample chosen by key hash "
                                 "(suspect faces always; the page shows the worst 500)")
-    report_faces_per_thousand: int | None = _f(None, "sheet sampling rate per 1000 faces; none: from --report-faces and "
-                                                     "the input's size", cli=False)
+    report_faces_per_thousand: int | None = _f(
+        None, "sheet sampling rate per 1000 faces; none: from --report-faces and the input's size", cli=False)
     progress: str = _f("auto", "progress display: bar (a terminal), plain (a line every 30 s), json (one object per "
                        "update, for logs), quiet; auto picks bar on a terminal, else plain",
                        choices=("auto", "bar", "plain", "json", "quiet"))
