@@ -328,7 +328,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                 continue
             stats = _stats(p, chain, config_hash)
             lease.check()  # never commit once another run may own DST
-            log.info("%s: all %d samples staged, committing", p.unit.name, p.expected)
+            log.debug("%s: all %d samples staged, committing", p.unit.name, p.expected)
             ref = remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options)
             commits.append((p, stats, ref))
             bar.update(units=1)

@@ -53,7 +53,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     # progress line of its own (pipeline/progress.py), and workers' row-level warnings are not the job's output.
     if not cfg.ray_logs:
         for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the driver's core worker writes to stderr
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=cfg.ray_logs, logging_level=logging.INFO if cfg.ray_logs
