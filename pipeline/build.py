@@ -98,14 +98,16 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
         num_gpus=cfg.gpus_per_detector or None,
         **actor_args,
     )
+    actors, gpus = restore_pool(cfg, float(ray.cluster_resources().get("GPU", 0.0)))
+    log.info("restorer pool: %d actor(s), %s GPU each", actors, gpus or 0)
     ds = ds.map_batches(
         RestoreStage,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=None,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.restore_actors),
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=max(1, cfg.restore_prefetch)),
         num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_restorer or None,
+        num_gpus=gpus or None,
         **actor_args,
     )
     ds = ds.map_batches(
@@ -117,6 +119,17 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
         max_retries=MAX_RETRIES,
     )
     return ds
+
+
+def restore_pool(cfg: PipelineConfig, cluster_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor) of the restorer pool: what the config says, else one actor per whole GPU the
+    cluster has (fractional ``gpus_per_restorer`` packs several per GPU), else one CPU actor."""
+    gpus = cfg.gpus_per_restorer if cfg.gpus_per_restorer is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    if cfg.restore_actors is not None:
+        return cfg.restore_actors, gpus
+    if gpus > 0 and cluster_gpus > 0:
+        return max(1, int(cluster_gpus // gpus)), gpus
+    return 1, gpus
 
 
 def stream_summaries(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:

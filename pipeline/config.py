@@ -80,9 +80,11 @@ class PipelineConfig:
     # --- execution (do not change outputs) ---
     address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray on this machine)")
     device: str = _f("auto", "restorer device: auto (cuda if Ray gives the actor a GPU), cpu, cuda")
-    restore_actors: int = _f(1, "restorer actors (one per GPU in production)")
+    restore_actors: int | None = _f(None, "restorer actors; none: one per GPU of the cluster (one on a CPU-only one)")
     detect_actors: int = _f(1, "detector actors")
-    gpus_per_restorer: float = _f(0.0, "GPUs per restorer actor (0 on CPU-only machines; 1 or a fraction on GPU nodes)")
+    gpus_per_restorer: float | None = _f(
+        None, "GPUs per restorer actor; none: 1 when the cluster has GPUs, else 0 (a fraction shares a GPU)")
+    restore_prefetch: int = _f(2, "blocks queued per restorer actor, so the next faces are ready when a batch ends")
     gpus_per_detector: float = _f(0.0, "GPUs per detector actor (e.g. 0.1 to share a GPU)")
     cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional, so reads and writes keep running)")
     detect_batch_size: int = _f(8, "images per detector forward pass")
@@ -118,7 +120,7 @@ class PipelineConfig:
             "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
             "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
-            "verify", "wait", "limit", "progress", "ray_logs", "report", "report_faces",
+            "verify", "wait", "limit", "restore_prefetch", "progress", "ray_logs", "report", "report_faces",
             "report_faces_per_thousand",
         }
     )

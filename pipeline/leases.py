@@ -57,7 +57,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from pipeline.storage import StorageOptions, is_s3, local_path, s3_client, split_s3
+from pipeline.storage import StorageOptions, fsync_dir, is_s3, local_path, s3_client, split_s3
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +207,6 @@ def _write_temp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_versioned(uri: str, *, options: StorageOptions | None = None) -> tuple[bytes, str] | None:
     """The object's bytes and version (S3 ETag; local sha-256), or None when it does not exist."""
     if is_s3(uri):
@@ -253,7 +245,7 @@ def create_if_absent(uri: str, data: bytes, *, options: StorageOptions | None = 
         return None
     finally:
         tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return _version(data)
 
 
@@ -278,7 +270,7 @@ def replace_if_match(uri: str, data: bytes, version: str, *, options: StorageOpt
             return None
         tmp = _write_temp(path, data)
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return _version(data)
 
 

@@ -640,7 +640,7 @@ class AtomicWriter:
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(local_path(self.uri).parent)
+        fsync_dir(local_path(self.uri).parent)
 
 
 def remove_stale_temps(uri: str) -> int:
@@ -656,7 +656,8 @@ def remove_stale_temps(uri: str) -> int:
     return n
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import shards, storage
 from pipeline import wds as codec
@@ -18,38 +16,7 @@ from pipeline.config import config_hash
 from pipeline.shards import ShardCommitError
 from pipeline.units import STAGING_DIR, Unit, UnitKind, chunk_name
 from pipeline.wds import Sample
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "root")
-    return "s3://" + request.getfixturevalue("s3_bucket")
-
-
-def _samples(n: int, seed: int = 0) -> list[Sample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        members = [("jpg", rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes())]
-        members.append(("json", json.dumps({"i": i, "caption": "ünïcode"}).encode()))
-        out.append(Sample(key=f"dir.v1/{i:06d}", members=members))
-    return out
-
-
-def _read_with_wds(uri: str) -> list[dict[str, bytes]]:
-    if storage.is_s3(uri):
-        with storage.open_read(uri) as f:
-            return list(group_by_keys(tar_file_expander([{"url": uri, "stream": f}])))
-    return list(wds.WebDataset(uri, shardshuffle=False, empty_check=False))
-
-
-def _as_dicts(samples: list[Sample]) -> list[dict[str, bytes]]:
-    return [{"__key__": s.key, **dict(s.members)} for s in samples]  # type: ignore[dict-item]
-
-
-def _strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k == "__key__" or not k.startswith("__")}
+from tests.pipeline.tarsamples import as_dicts, random_samples, read_with_wds, strip_meta
 
 
 def shard(name: str) -> Unit:
@@ -66,7 +33,7 @@ def state(unit: Unit, dst: str, cfg: str, **kw: object) -> str:
 
 def test_commit_shard_exactly_once(root: str) -> None:
     dst = storage.join(root, "out")
-    samples = _samples(10)
+    samples = random_samples(10)
     unit = shard("sub/shard-000.tar")
     cfg = config_hash({"steps": 10, "model": "x"})
     assert state(unit, dst, cfg) == "todo"
@@ -81,7 +48,7 @@ def test_commit_shard_exactly_once(root: str) -> None:
 
     marker = shards.commit(unit, dst, cfg, 10, {"ok": 10})
     out_uri = storage.join(dst, unit.name)
-    assert [_strip(d) for d in _read_with_wds(out_uri)] == _as_dicts(samples)
+    assert [strip_meta(d) for d in read_with_wds(out_uri)] == as_dicts(samples)
     assert list(codec.iter_tar_samples(out_uri)) == samples
     data = storage.read_bytes(out_uri)
     assert len(data) % tarfile.RECORDSIZE == 0
@@ -97,7 +64,7 @@ def test_commit_shard_exactly_once(root: str) -> None:
 def test_a_damaged_output_is_redone(root: str) -> None:
     dst = storage.join(root, "out")
     unit, cfg = shard("s.tar"), "h" * 64
-    stage(unit, dst, cfg, 0, _samples(3))
+    stage(unit, dst, cfg, 0, random_samples(3))
     shards.commit(unit, dst, cfg, 3, {})
     assert state(unit, dst, cfg) == "done" and state(unit, dst, cfg, verify=True) == "done"
     data = storage.read_bytes(unit.output_uri(dst))
@@ -114,10 +81,10 @@ def test_units_never_share_staging(tmp_path: Path) -> None:
     another's parts."""
     dst = str(tmp_path / "out")
     a, ab = shard("a.tar"), shard("a/b.tar")
-    sa, sab = _samples(2, seed=1), _samples(3, seed=2)
+    sa, sab = random_samples(2, seed=1), random_samples(3, seed=2)
     stage(a, dst, "c1", 0, sa)
     stage(ab, dst, "c1", 0, sab)
-    stage(a, dst, "c2", 0, _samples(2, seed=3))
+    stage(a, dst, "c2", 0, random_samples(2, seed=3))
     for u in (a, ab):
         for other in (a, ab):
             if u != other:
@@ -183,7 +150,7 @@ def test_planning_reads_markers_from_one_listing(s3_bucket: str) -> None:
     opts = storage.StorageOptions(list_page_size=7)
     units = [shard(f"p/{i:04d}.tar") for i in range(40)]
     for u in units[::3]:
-        stage(u, dst, "h", 0, _samples(1), options=opts)
+        stage(u, dst, "h", 0, random_samples(1), options=opts)
         shards.commit(u, dst, "h", 1, {}, options=opts)
     states = shards.unit_states(units, dst, "h", options=opts)
     assert [n for n, s in states.items() if s == "done"] == [u.name for u in units[::3]]
