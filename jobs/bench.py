@@ -390,7 +390,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "compile": ("; ".join(compile_notes) + " (first batch incl. compile)") if opts.compile else "off",
         "pipeline": "skipped" if opts.skip_pipeline else
         f"`dr2 restore` subprocess on {opts.pipeline_images or (8 if device.type == 'cpu' else 48)} degraded photos "
-        "(1 face each), wall time incl. Ray start and detection; no compile",
+        "(faces counted from its *.stats.json), wall time incl. Ray start and detection; no compile",
         "baseline": f"batch 1, fp32, explicit attention, PNG per face in the loop, {opts.baseline_faces} faces",
     }
     return {"header": header, "rows": rows, "options": {k: str(v) for k, v in dataclasses.asdict(opts).items()}}
