@@ -354,9 +354,10 @@ def explain(e: BaseException) -> str:
 
     if isinstance(e, LeaseHeld):
         return f"{e} (pass --wait SECONDS to wait for it)"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on device ({e.filename or 'output'}): free space or choose another DST; committed "
-                "units are intact and a rerun resumes")
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+        where = getattr(e, "filename", None) or "the output"
+        return (f"no space left on device ({where}): free space or choose another DST; committed units are intact "
+                "and a rerun resumes")
     if isinstance(e, NotADirectoryError | FileExistsError):
         return f"{e}: DST (or a folder on its path) is a file; choose a folder"
     text = one_line(e)

@@ -423,14 +423,21 @@ def write_run_report(cfg: PipelineConfig, summary: RunSummary) -> str:
 
 
 def one_line(e: BaseException) -> str:
-    """The first line of what an error says, without Ray's traceback around a worker's exception."""
+    """The first line of what an error says, taken from the innermost cause: Ray wraps a worker's exception (a
+    RayTaskError, a UserCodeException from Ray Data) around the one that says what happened."""
     cause: BaseException = e
-    while getattr(cause, "cause", None) is not None and cause is not getattr(cause, "cause", None):
-        cause = cause.cause  # type: ignore[attr-defined]  # RayTaskError and friends carry the worker's error
-    text = str(cause).strip().splitlines()
-    lines = [t for t in text if t.strip() and not t.startswith((" ", "Traceback", "ray::"))]
-    head = lines[-1] if lines else type(cause).__name__
-    return head if head.startswith(type(cause).__name__) else f"{type(cause).__name__}: {head}"
+    seen: set[int] = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    text = [t.strip() for t in str(cause).strip().splitlines() if t.strip()]
+    lines = [t for t in text if not t.startswith(("Traceback", "ray::", "File ", "^"))]
+    head = lines[-1] if lines else ""
+    name = type(cause).__name__
+    return f"{name}: {head}" if head and not head.startswith(name) else (head or name)
 
 
 def _fail(p: UnitProgress, reason: str, summary: RunSummary, on_unit: Callable[[UnitOutcome], None] | None) -> None:

@@ -134,9 +134,24 @@ def restore_pool(cfg: PipelineConfig, cluster_gpus: float) -> tuple[int, float]:
 
 def stream_summaries(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
     """Run the graph, yielding each part's summary (a few per block) as it completes."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
-        yield from table.to_pylist()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
+            yield from table.to_pylist()
+    finally:
+        shutdown(ds)
+
+
+def shutdown(ds: ray.data.Dataset) -> None:
+    """Stop the dataset's executor and KILL its actors, however the stream ended. On an error (or an early
+    stop) Ray 2.60 only drops its references to the pool's actors and lets reference counting reap them, which a
+    traceback can delay indefinitely: the actors keep their CPUs/GPUs and the next run in this process (a nightly
+    wave, a retry) waits for resources forever. Ray keeps the executor on the dataset (``_current_executor``,
+    ray 2.60); force-shutting it is what Ray's own blocking APIs do."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        executor.shutdown(force=True)
+        ds._current_executor = None
 
 
 def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:

@@ -60,7 +60,13 @@ class PipelineConfig:
     omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau (see "
                            "resolved_omega)")
     seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
-    precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("fp32", "fp32, or bf16/fp16 autocast of the UNet and SPARNetHD (filters, schedule and norms "
+                                "stay fp32); bf16 is the GPU setting", choices=("fp32", "bf16", "fp16"))
+    attention: str = _f("auto", "attention kernel: math (the official matmuls), sdpa (PyTorch's fused kernel, equal "
+                                "within fp32 rounding); auto: math for fp32 on CPU, else sdpa",
+                        choices=("auto", "math", "sdpa"))
+    channels_last: bool | None = _f(None, "channels-last memory format for the networks; none: on for CUDA only")
+    compile: bool = _f(False, "torch.compile the networks over the fixed batch shape (paid once per actor)")
     # --- faces ---
     select: FaceSelect = _f(FaceSelect.ALL, "which faces to restore per image")
     max_faces: int = _f(16, "restore at most this many faces per image")

@@ -78,10 +78,12 @@ def build_detector(cfg: PipelineConfig, device: torch.device) -> MTCNN:
 
 
 def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torch.device, precision: str, seed: int,
-                   batch_size: int, omega: int | None, options: StorageOptions | None = None) -> FaceRestorer:
+                   batch_size: int, omega: int | None, options: StorageOptions | None = None,
+                   fast: dict[str, Any] | None = None) -> FaceRestorer:
     """The face restorer of ``kind``; for DR2, model dirs (local or s3://) are localized and verified first.
 
-    ``enhancer`` ``"none"`` (or empty) means bicubic upsampling instead of SPARNetHD.
+    ``enhancer`` ``"none"`` (or empty) means bicubic upsampling instead of SPARNetHD. ``fast`` holds the GPU fast
+    path's choices (``attention``, ``channels_last``, ``compile``: see :class:`dr2.restorer.DR2Restorer`).
     """
     from dr2.restorer import DR2Restorer, PassthroughRestorer
 
@@ -89,21 +91,22 @@ def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torc
         return PassthroughRestorer()
     if kind is RestorerKind.TINY:
         return DR2Restorer.tiny_random(device=device, precision=precision, seed=seed, batch_size=batch_size,
-                                       omega=omega)
+                                       omega=omega, **(fast or {}))
     if not ddpm:
         raise ValueError(f"--ddpm is required. {WEIGHTS_HELP}")
     cache = model_cache_root()
     ddpm_dir = localize_model_dir(ddpm, cache, options=options)
     enhancer_dir = None if enhancer in ("", "none") else localize_model_dir(enhancer, cache, options=options)
     return DR2Restorer.from_dirs(ddpm_dir, enhancer_dir, device=device, precision=precision, seed=seed,
-                                 batch_size=batch_size, omega=omega)
+                                 batch_size=batch_size, omega=omega, **(fast or {}))
 
 
 def restorer_from_config(cfg: PipelineConfig, device: torch.device) -> FaceRestorer:
     check_restorer_config(cfg)
     return build_restorer(kind=cfg.restorer, ddpm=cfg.ddpm, enhancer=cfg.enhancer, device=device,
                           precision=cfg.precision, seed=cfg.seed, batch_size=cfg.restore_batch_size,
-                          omega=cfg.resolved_omega, options=cfg.storage_options())
+                          omega=cfg.resolved_omega, options=cfg.storage_options(),
+                          fast={"attention": cfg.attention, "channels_last": cfg.channels_last, "compile": cfg.compile})
 
 
 def _model_config(model_dir: str, options: StorageOptions) -> dict[str, Any]:

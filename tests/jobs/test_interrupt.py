@@ -40,7 +40,7 @@ COMMON = ["--restorer", "tiny", "--N", "4", "--tau", "2", "--cpus-per-actor", "0
 # restorer's batch size is part of the config: the networks' batch shape sets float rounding.)
 SLOW_BATCHES = ["--detect-batch-size", "1"]
 FAST_BATCHES = ["--detect-batch-size", "4"]
-STARTUP_TIMEOUT_S = 150.0  # per run; a cold Python + Ray + two actors takes 30-70 s on 2 busy cores
+STARTUP_TIMEOUT_S = 600.0  # per run: a cold Python + Ray + two actors takes 30-70 s on 2 cores, minutes when loaded
 
 
 def build_archive(root: Path) -> str:
