@@ -460,6 +460,7 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> di
         "statuses": dict(sorted(statuses.items())),
         "faces": sum(int(part["faces"]) for part in chain),
         "faces_found": sum(int(part["faces_found"]) for part in chain),
+        "written": sum(int(part.get("written") or 0) for part in chain),
         "read_error": p.read_error,
         "input": p.unit.input,
         "images": list(p.unit.images) if p.unit.kind is UnitKind.IMAGES else None,

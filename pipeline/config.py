@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dr2.configs import check_known_keys
-from pipeline.schema import FaceSelect
+from pipeline.schema import FINAL_STATUSES, FaceSelect
 from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -79,6 +79,10 @@ class PipelineConfig:
     suspect_max_delta_e: float = _f(10.0, "flag a face whose colours shift by more than this mean CIE76 Delta E")
     suspect_min_sharpness_gain: float = _f(0.2, "flag a face whose Laplacian variance falls below this x the input's")
     suspect_max_sharpness_gain: float = _f(1000.0, "flag a face whose Laplacian variance exceeds this x the input's")
+    skip_status: str = _f(
+        "", "comma-separated statuses whose samples are left OUT of the outputs (still counted in the stats and the "
+        "report), e.g. decode_error,too_large,truncated,no_image, for readers that fail on them "
+        "(ray.data.read_webdataset's default decoder); default: keep all")
     # --- images ---
     max_pixels: int = _f(100_000_000, "images over this many pixels are passed through with status too_large")
     jpeg_quality: int = _f(95, "quality of re-encoded JPEG outputs")
@@ -143,8 +147,16 @@ class PipelineConfig:
             rule = f" (the official rule gives {omega} for N={self.N}, tau={self.tau})" if self.omega is None else ""
             hint = "lower --tau or pass --omega" if self.omega is None else "pass an --omega in that range"
             raise ValueError(f"omega must be in tau..99 (tau={self.tau}), got {omega}{rule}: {hint}")
+        unknown = set(self.skipped_statuses) - {s.value for s in FINAL_STATUSES}
+        if unknown:
+            raise ValueError(f"--skip-status: unknown status(es) {sorted(unknown)}; choose from "
+                             f"{', '.join(s.value for s in FINAL_STATUSES)}")
         if self.restore_batch_size < 1 or self.detect_batch_size < 1 or self.rows_per_block < 1 or self.block_mb < 1:
             raise ValueError("batch and block sizes must be >= 1")
+
+    @property
+    def skipped_statuses(self) -> frozenset[str]:
+        return frozenset(x.strip() for x in self.skip_status.split(",") if x.strip())
 
     @cached_property
     def resolved_omega(self) -> int:

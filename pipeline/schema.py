@@ -131,6 +131,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("seconds", TIMINGS_TYPE),
         (NOTES, pa.list_(NOTE_TYPE)),  # end rows: members of the unit not carried (unsafe keys, ...)
         ("suspect", pa.int64()),  # restored faces with a quality flag
+        ("written", pa.int64()),  # samples of the part written to the output (all unless --skip-status)
         ("sheet", pa.string()),  # the report's contact-sheet entries of this part, JSON (report.face_entry)
         ("non_ok", pa.list_(pa.struct([("key", pa.string()), ("status", pa.string()), ("error", pa.string())]))),
     ]

@@ -538,10 +538,12 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
         metas = [sample_metadata(key=keys[r], status=status[r], error=error[r], image_member=members[r], faces=faces[r],
                                  timings=timings[r], cfg=cfg, model_info=model_info, notes=notes[r],
                                  quality=quality.get(r)) for r in run]
+        skip = cfg.skipped_statuses
+        kept = [(r, m) for r, m in zip(run, metas, strict=True) if status[r] not in skip]
         if unit.kind is UnitKind.SHARD:
-            data = encode_tar_part(_output_samples(table, run, output, metas))
+            data = encode_tar_part(_output_samples(table, [r for r, _ in kept], output, [m for _, m in kept]))
         else:
-            data = _write_images(unit, cfg.dst, table, run, output, metas, options)
+            data = _write_images(unit, cfg.dst, table, run, output, metas, options, skip)
         shards.write_part(unit, cfg.dst, config_hash, first, len(run), data, options=options)
         per_row = (time.perf_counter() - t0) / len(run)
         seconds = S.empty_timings()
@@ -556,6 +558,7 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
             "faces": sum(len(faces[r] or []) for r in run if status[r] == S.Status.OK.value),
             "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds, S.NOTES: None,
             "suspect": sum(bool(q["flags"]) for r in run for q in quality.get(r, [])),
+            "written": len(kept),
             "sheet": json.dumps(sheet) if sheet else None,
             "non_ok": [{"key": keys[r], "status": status[r], "error": error[r]} for r in run
                        if status[r] not in (S.Status.OK.value, S.Status.NO_FACE.value)][:NON_OK_PER_PART] or None,
@@ -565,6 +568,7 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
         summaries.append({S.UNIT: unit_names[r], "first": -1, "last": -1,
                           S.UNIT_SIZE: table.column(S.UNIT_SIZE)[r].as_py(), S.ERROR: error[r], "statuses": [],
                           "faces": 0, "faces_found": 0, "seconds": timings[r], S.NOTES: notes[r], "suspect": 0,
+                          "written": 0,
                           "sheet": None, "non_ok": None})
     return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
 
@@ -635,7 +639,8 @@ def _output_samples(table: pa.Table, run: list[int], output: list[bytes | None],
 
 
 def _write_images(unit: Unit, dst: str, table: pa.Table, run: list[int], output: list[bytes | None],
-                  metas: list[dict[str, Any]], options: storage.StorageOptions) -> bytes:
+                  metas: list[dict[str, Any]], options: storage.StorageOptions,
+                  skip: frozenset[str] = frozenset()) -> bytes:
     """Write each image of a chunk's run to ``DST/<relative path>`` (atomic, idempotent); return the run's manifest
     lines (the sample's ``dr2.json`` fields plus where it sits), to be staged AFTER the images, so that a
     committed manifest only names written files."""
@@ -644,7 +649,7 @@ def _write_images(unit: Unit, dst: str, table: pa.Table, run: list[int], output:
     lines = []
     for r, meta in zip(run, metas, strict=True):
         data = output[r] if output[r] is not None else image_col[r].as_py()
-        if data is not None:
+        if data is not None and meta["status"] not in skip:
             storage.write_bytes_atomic(storage.join(dst, meta["key"]), data, options=options)
         line = {**meta, S.UNIT: unit.name, S.INDEX: index[r].as_py()}
         lines.append(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")

@@ -199,3 +199,18 @@ def test_decoded_record_round_trip(kind: str) -> None:
     edited = d.rgb.copy()
     edited[10:20, 10:20] = 0
     assert encode_image(back, edited) == encode_image(d, edited)
+
+
+def test_skip_status_leaves_samples_out_of_the_output_but_in_the_counts(tmp_path: Path, photos: dict[str, bytes],
+                                                                       detector: Any) -> None:
+    cfg = cfg_for(tmp_path, skip_status="decode_error, no_image")
+    table = pa.concat_tables([stages.restore_block(b, FailsOnDarkFaces(), cfg) for b in stages.detect_block(
+        _block(tmp_path, photos, ["astro", "bad", "plain"], cfg), detector, cfg)])
+    summary = stages.write_block(table, cfg, {}, "c" * 64, UnitKind.SHARD).to_pylist()
+    assert dict(summary[0]["statuses"]) == {"ok": 1, "decode_error": 1, "no_face": 1} and summary[0]["written"] == 2
+    unit = Unit(name="p.tar", kind=UnitKind.SHARD, source="")
+    part = shards._list_parts(unit.staging_uri(cfg.dst, "c" * 64), None)[0][0]
+    assert (part[0], part[1]) == (0, 2)  # the part still covers every index: the unit commits as usual
+    assert [s.key for s in iter_tar_samples(part[2], require_end_marker=False)] == ["astro", "plain"]
+    with pytest.raises(ValueError, match="unknown status"):
+        cfg_for(tmp_path, skip_status="broken")
