@@ -61,8 +61,10 @@ def init_ray(cfg: PipelineConfig) -> None:
                  else logging.WARNING)
     else:
         log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory, include_dashboard=False,
-                 log_to_driver=cfg.ray_logs, logging_level=logging.INFO if cfg.ray_logs else logging.WARNING)
+        # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory,
+                 include_dashboard=False, log_to_driver=cfg.ray_logs,
+                 logging_level=logging.INFO if cfg.ray_logs else logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray_logs
     ctx.execution_options.preserve_order = False
@@ -134,20 +136,50 @@ def restore_pool(cfg: PipelineConfig, cluster_gpus: float) -> tuple[int, float]:
 
 def stream_summaries(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
     """Run the graph, yielding each part's summary (a few per block) as it completes."""
+    before = _stage_actors()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
             yield from table.to_pylist()
+    except BaseException:
+        shutdown(ds)
+        _kill(_stage_actors() - before)  # the pools of THIS run: made after it started, by this driver
+        raise
     finally:
         shutdown(ds)
 
 
+_STAGE_CLASSES = (DetectStage.__name__, RestoreStage.__name__)
+
+
+def _stage_actors() -> set[str]:
+    """Ids of this driver's live stage actors. Ray 2.60's internal state table is used because the public state API
+    needs the dashboard, which a local run does not start."""
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    return {aid for aid, a in state.actors().items()
+            if a.get("State") == "ALIVE" and a.get("JobID") == job
+            and any(name in str(a.get("ActorClassName", "")) for name in _STAGE_CLASSES)}
+
+
+def _kill(actor_ids: set[str]) -> None:
+    """Kill actors by id (what ``ray.kill`` does for a handle; the failed pool's handles are out of reach)."""
+    core = ray._private.worker.global_worker.core_worker  # type: ignore[attr-defined]
+    for aid in actor_ids:
+        try:
+            core.kill_actor(ray.ActorID.from_hex(aid), True)
+        except Exception as e:  # noqa: BLE001 - already gone
+            log.debug("actor %s: %s", aid, e)
+
+
 def shutdown(ds: ray.data.Dataset) -> None:
-    """Stop the dataset's executor and KILL its actors, however the stream ended. On an error (or an early
-    stop) Ray 2.60 only drops its references to the pool's actors and lets reference counting reap them, which a
+    """Stop the dataset's executor and kill its actors, however the stream ended. On an error (or an early stop)
+    Ray 2.60 only drops its references to the pool's actors and lets reference counting reap them, which a
     traceback can delay indefinitely: the actors keep their CPUs/GPUs and the next run in this process (a nightly
     wave, a retry) waits for resources forever. Ray keeps the executor on the dataset (``_current_executor``,
-    ray 2.60); force-shutting it is what Ray's own blocking APIs do."""
+    ray 2.60) once the first output arrived; force-shutting it is what Ray's own blocking APIs do. A run that fails
+    before its first output has no executor there: :func:`stream_summaries` then kills the actors it started."""
     executor = getattr(ds, "_current_executor", None)
     if executor is not None:
         executor.shutdown(force=True)

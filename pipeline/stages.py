@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -693,5 +694,17 @@ class RestoreStage:
 
 def write_block_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
                       kind: str) -> pa.Table:
-    """Ray adapter for :func:`write_block` (task)."""
+    """Ray adapter for :func:`write_block` (task).
+
+    A worker whose earlier task was cancelled by Ray (a failed run stops its tasks with KeyboardInterrupt) while it
+    was importing torch keeps a half-imported torch for good; such a worker exits at its next block, so that Ray
+    retries the block on a fresh worker instead of failing every block it is given."""
+    try:
+        import torch  # noqa: F401 - the quality measures need it; imported first so a broken import is caught here
+
+        from pipeline import quality, report  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - an interpreter with a half-imported torch cannot recover
+        log.error("this worker cannot import torch (%s: %s); exiting so that Ray retries the block on a fresh one",
+                  type(e).__name__, e)
+        os._exit(1)
     return write_block(batch, cfg, model_info, config_hash, UnitKind(kind))

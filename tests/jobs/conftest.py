@@ -13,7 +13,9 @@ import ray
 def ray_local(s3_server: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     # the node-local model cache of this session's workers: never the machine's shared /tmp/dr2-cache
     cache = str(tmp_path_factory.mktemp("dr2-cache"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DR2_CACHE": cache}})
+    # address="local": always a fresh local Ray, even if a killed run left /tmp/ray/ray_current_cluster behind
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DR2_CACHE": cache}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
