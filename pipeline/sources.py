@@ -174,8 +174,29 @@ def list_image_objects(
         base = storage.local_path(root_uri)
         if not base.is_dir():
             raise FileNotFoundError(f"no such directory: {root_uri}")
-        out = [(p.relative_to(base).as_posix(), _local_info(str(p))) for p in base.rglob("*") if p.is_file()]
-    return sorted((r, o) for r, o in out if r.lower().endswith(sfx) and r.split("/", 1)[0] not in INTERNAL_DIRS)
+        # symlinks are not followed: a link could point anywhere on the machine
+        out = [(p.relative_to(base).as_posix(), _local_info(str(p))) for p in base.rglob("*")
+               if p.is_file() and not p.is_symlink()]
+    kept: list[tuple[str, ObjectInfo]] = []
+    refused: list[tuple[str, ObjectInfo]] = []
+    for rel, info in out:
+        if not rel.lower().endswith(sfx) or rel.split("/", 1)[0] in INTERNAL_DIRS:
+            continue
+        (kept if _safe_relative(rel) else refused).append((rel, info))
+    if refused:
+        log.warning("%d image path(s) under %s are left out: not valid UTF-8, or they would be written outside DST "
+                    "(e.g. %r); rename them", len(refused), root_uri, refused[0][0])
+    return sorted(kept)
+
+
+def _safe_relative(rel: str) -> bool:
+    """Whether ``rel`` can name an output under DST: valid UTF-8, relative, no ``..`` or empty component."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    parts = rel.split("/")
+    return not rel.startswith("/") and "\\" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 def list_images(

@@ -313,3 +313,18 @@ def test_localize_model_dir_concurrent(s3_bucket: str, tmp_path: Path) -> None:
     assert len(set(dirs)) == 1
     assert (dirs[0] / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in dirs[0].iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_list_images_never_follows_links_or_leaves_dst(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"x")
+    (root / "sub" / "b.png").write_bytes(b"y")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"s")
+    (root / "link.jpg").symlink_to(secret)  # would read a file outside the folder
+    os.makedirs(bytes(root) + b"/lat\xe9n", exist_ok=True)  # a directory name that is not UTF-8
+    with open(bytes(root) + b"/lat\xe9n/c.jpg", "wb") as f:
+        f.write(b"z")
+    assert sources.list_images(str(root)) == ["a.jpg", "sub/b.png"]
+    assert "left out" in caplog.text
