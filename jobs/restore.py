@@ -308,6 +308,8 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
             if summary.first_commit_seconds is None and commits and is_ready(commits[0][2]):
                 summary.first_commit_seconds = time.perf_counter() - t0
             p = progress[part[S.UNIT]]
+            if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
+                continue
             if part["first"] == -1:  # the unit's end
                 p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
                 p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
