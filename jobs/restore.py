@@ -224,9 +224,22 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
 
     if not cfg.src or not cfg.dst:
         raise ValueError("both SRC and DST are needed")
-    with hold_lease(storage.join(cfg.dst, LEASE_FILE), ttl=LEASE_TTL_S, owner=Owner.current(run_id),
-                    options=cfg.storage_options(), wait_s=cfg.wait, take_dead=True) as lease:
-        return _run_leased(cfg, lease, on_part=on_part, only=only, on_unit=on_unit)
+    import botocore.exceptions
+
+    uri = storage.join(cfg.dst, LEASE_FILE)
+    try:
+        held = hold_lease(uri, ttl=LEASE_TTL_S, owner=Owner.current(run_id), options=cfg.storage_options(),
+                          wait_s=cfg.wait, take_dead=True)
+        lease = held.__enter__()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:  # wrong credentials, bucket
+        raise storage.translate_error(e, uri, "take the lease on", cfg.storage_options()) from e
+    try:
+        result = _run_leased(cfg, lease, on_part=on_part, only=only, on_unit=on_unit)
+    except BaseException as e:
+        held.__exit__(type(e), e, e.__traceback__)
+        raise
+    held.__exit__(None, None, None)
+    return result
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,9 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
     ds = ds.map_batches(
         RestoreStage,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=None,
+        # Ray insists on a row count when GPUs are requested: blocks hold at most rows_per_block rows, so this only
+        # lets Ray merge small blocks of face rows into one call (the restorer batches faces itself).
+        batch_size=cfg.rows_per_block if gpus else None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=max(1, cfg.restore_prefetch)),
         num_cpus=cfg.cpus_per_actor,

@@ -191,6 +191,12 @@ def _bucket_missing(bucket: str, options: StorageOptions | None) -> bool:
     return False
 
 
+def translate_error(e: Exception, uri: str, op: str, options: StorageOptions | None = None) -> Exception:
+    """The error a person can act on for a failed S3 call made outside this module (e.g. a lease's conditional
+    write): ``FileNotFoundError`` or a :class:`StorageError` naming credentials, bucket or endpoint."""
+    return _translate(e, uri, op, options)
+
+
 def _translate(e: Exception, uri: str, op: str, options: StorageOptions | None) -> Exception:
     """Turn a botocore exception into FileNotFoundError (missing object) or a StorageError that says what to check."""
     where = f"{op} {uri} (endpoint {_endpoint(options)})"

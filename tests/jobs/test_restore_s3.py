@@ -219,7 +219,10 @@ def test_s3_every_sample_once_same_order_members_kept(s3_run: S3Run) -> None:
 def test_s3_markers_config_and_no_litter(s3_server: S3Server, s3_run: S3Run) -> None:
     run = s3_run
     stems = [name.removesuffix(".tar") for name in run.expected]
-    assert set(run.outputs) == {"_dr2/config.json"} | {f"{s}.tar" for s in stems} | {f"{s}.stats.json" for s in stems}
+    report = {k for k in run.outputs if k.startswith("_dr2/report/")}
+    assert {"_dr2/report/index.html", "_dr2/report/report.json"} <= report  # the run report and its thumbnails
+    assert set(run.outputs) - report == (
+        {"_dr2/config.json"} | {f"{s}.tar" for s in stems} | {f"{s}.stats.json" for s in stems})
     resolved = json.loads(run.outputs["_dr2/config.json"])
     assert resolved["config"]["src"] == f"s3://{run.bucket}/in/" and resolved["config"]["tau"] == 2
     assert resolved["models"] == {"restorer": "tiny"}

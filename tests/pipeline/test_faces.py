@@ -46,6 +46,10 @@ class InvertRestorer:
     def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> np.ndarray:
         return 255 - faces
 
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+        out = self.restore(faces, keys, N=N, tau=tau)
+        return {"dr2": out, "enhanced": out}
+
     def describe(self) -> dict[str, Any]:
         return {"restorer": self.name}
 
