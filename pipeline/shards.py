@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pipeline import storage
 from pipeline.storage import AtomicWriter, StorageOptions
-from pipeline.units import STAGING_DIR, Unit
+from pipeline.units import Unit
 from pipeline.wds import tar_trailer
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,3 @@ def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bo
     with ThreadPoolExecutor(max_workers=16) as pool:
         states.update(pool.map(check, with_marker))
     return states
-
-
-def staging_root(dst: str) -> str:
-    return storage.join(dst, STAGING_DIR)

@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from braceexpand import braceexpand
 
@@ -65,41 +64,32 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(out + r"\Z")
 
 
-def _local_info(path: str) -> ObjectInfo:
-    st = os.stat(path)
-    return ObjectInfo(os.path.abspath(path), st.st_size, str(st.st_mtime_ns))
-
-
-def _s3_info(bucket: str, obj: dict[str, Any]) -> ObjectInfo:
-    etag = str(obj.get("ETag", "")).strip('"')
-    return ObjectInfo(f"{storage.S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), etag)
-
-
 def _expand_one(uri: str, keep: Callable[[str], bool], options: StorageOptions | None) -> list[ObjectInfo]:
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)
         m = _GLOB_CHARS.search(key)
         if m:
             rx = _glob_regex(key)
-            return [_s3_info(bucket, o) for o in storage.iter_s3_objects(bucket, key[: m.start()], options)
+            return [storage.s3_object(bucket, o) for o in storage.iter_s3_objects(bucket, key[: m.start()], options)
                     if rx.match(o["Key"]) and keep(o["Key"])]
         if keep(key):
             info = storage.stat(uri, options=options)
             if info is not None:
                 return [info]
         prefix = key if (key == "" or key.endswith("/")) else key + "/"
-        found = [_s3_info(bucket, o) for o in storage.iter_s3_objects(bucket, prefix, options) if keep(o["Key"])]
+        listed = storage.iter_s3_objects(bucket, prefix, options)
+        found = [storage.s3_object(bucket, o) for o in listed if keep(o["Key"])]
         if not found and keep(key):
             raise FileNotFoundError(f"no such object: {uri}")
         return found
     path = uri.removeprefix("file://")
     if _GLOB_CHARS.search(path):
-        return [_local_info(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
+        return [storage.local_object(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and keep(p)]
     p = Path(path)
     if p.is_dir():
-        return [_local_info(str(q)) for q in p.rglob("*") if q.is_file() and keep(q.name)]
+        return [storage.local_object(str(q)) for q in p.rglob("*") if q.is_file() and keep(q.name)]
     if p.is_file():
-        return [_local_info(str(p))]
+        return [storage.local_object(str(p))]
     raise FileNotFoundError(f"no such file or directory: {uri}")
 
 
@@ -169,13 +159,14 @@ def list_image_objects(
     if storage.is_s3(root_uri):
         bucket, prefix = storage.split_s3(root + "/")
         prefix = "" if prefix == "/" else prefix
-        out = [(o["Key"][len(prefix):], _s3_info(bucket, o)) for o in storage.iter_s3_objects(bucket, prefix, options)]
+        listed = storage.iter_s3_objects(bucket, prefix, options)
+        out = [(o["Key"][len(prefix):], storage.s3_object(bucket, o)) for o in listed]
     else:
         base = storage.local_path(root_uri)
         if not base.is_dir():
             raise FileNotFoundError(f"no such directory: {root_uri}")
         # symlinks are not followed: a link could point anywhere on the machine
-        out = [(p.relative_to(base).as_posix(), _local_info(str(p))) for p in base.rglob("*")
+        out = [(p.relative_to(base).as_posix(), storage.local_object(str(p))) for p in base.rglob("*")
                if p.is_file() and not p.is_symlink()]
     kept: list[tuple[str, ObjectInfo]] = []
     refused: list[tuple[str, ObjectInfo]] = []

@@ -246,6 +246,17 @@ class ObjectInfo:
     version: str
 
 
+def s3_object(bucket: str, obj: dict[str, Any]) -> ObjectInfo:
+    """An entry of an S3 listing (``Key``, ``Size``, ``ETag``) as an :class:`ObjectInfo`."""
+    return ObjectInfo(f"{S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+
+
+def local_object(path: str, uri: str | None = None) -> ObjectInfo:
+    """A local file as an :class:`ObjectInfo` named ``uri`` (default: its absolute path); version = mtime in ns."""
+    st = os.stat(path)
+    return ObjectInfo(os.path.abspath(path) if uri is None else uri, st.st_size, str(st.st_mtime_ns))
+
+
 def iter_s3_objects(bucket: str, prefix: str, options: StorageOptions | None) -> Iterator[dict[str, Any]]:
     """Every object under ``prefix`` as boto3 returns it, following continuation tokens page by page."""
     opts = options or DEFAULT_OPTIONS
@@ -275,17 +286,15 @@ def list_objects(uri: str, *, options: StorageOptions | None = None) -> list[Obj
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
         return sorted(
-            (ObjectInfo(f"{S3_SCHEME}{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")).strip('"'))
-             for o in iter_s3_objects(bucket, prefix, options)),
+            (s3_object(bucket, o) for o in iter_s3_objects(bucket, prefix, options)),
             key=lambda o: o.uri,
         )
     out = []
     for f in list_prefix(uri, options=options):
         try:
-            st = os.stat(f)
+            out.append(local_object(f, f))
         except FileNotFoundError:  # removed while listing
             continue
-        out.append(ObjectInfo(f, st.st_size, str(st.st_mtime_ns)))
     return out
 
 
@@ -446,10 +455,9 @@ def stat(uri: str, *, options: StorageOptions | None = None) -> ObjectInfo | Non
             return None
         return ObjectInfo(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
     try:
-        st = os.stat(local_path(uri))
+        return local_object(str(local_path(uri)))
     except FileNotFoundError:
         return None
-    return ObjectInfo(os.path.abspath(local_path(uri)), st.st_size, str(st.st_mtime_ns))
 
 
 def exists(uri: str, *, options: StorageOptions | None = None) -> bool:
