@@ -19,6 +19,7 @@ Exactly-once, as the driver sees it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,26 +221,28 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
     be read is recorded in ``summary.failed`` and the others go on; an error of the job itself (an actor that keeps
     dying, weights that fail their checksum) raises after the units already complete are committed.
     """
-    from pipeline.leases import Owner, hold_lease
-
     if not cfg.src or not cfg.dst:
         raise ValueError("both SRC and DST are needed")
+    with _dst_lease(cfg, run_id) as lease:
+        return _run_leased(cfg, lease, on_part=on_part, only=only, on_unit=on_unit)
+
+
+@contextlib.contextmanager
+def _dst_lease(cfg: PipelineConfig, run_id: str | None) -> Iterator[Any]:
+    """The lease on DST; a storage failure while taking it (wrong credentials, no bucket) is the StorageError that
+    names what to check, as for any other storage call."""
     import botocore.exceptions
 
+    from pipeline.leases import Owner, hold_lease
+
     uri = storage.join(cfg.dst, LEASE_FILE)
-    try:
-        held = hold_lease(uri, ttl=LEASE_TTL_S, owner=Owner.current(run_id), options=cfg.storage_options(),
-                          wait_s=cfg.wait, take_dead=True)
-        lease = held.__enter__()
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:  # wrong credentials, bucket
-        raise storage.translate_error(e, uri, "take the lease on", cfg.storage_options()) from e
-    try:
-        result = _run_leased(cfg, lease, on_part=on_part, only=only, on_unit=on_unit)
-    except BaseException as e:
-        held.__exit__(type(e), e, e.__traceback__)
-        raise
-    held.__exit__(None, None, None)
-    return result
+    with contextlib.ExitStack() as stack:
+        try:
+            lease = stack.enter_context(hold_lease(uri, ttl=LEASE_TTL_S, owner=Owner.current(run_id),
+                                                   options=cfg.storage_options(), wait_s=cfg.wait, take_dead=True))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise storage.translate_error(e, uri, "take the lease on", cfg.storage_options()) from e
+        yield lease  # released however the run ends
 
 
 @dataclass(frozen=True)
