@@ -354,6 +354,9 @@ def explain(e: BaseException) -> str:
 
     if isinstance(e, LeaseHeld):
         return f"{e} (pass --wait SECONDS to wait for it)"
+    if type(e).__name__ == "StageDiedError":  # pipeline.build's, named so that an error does not import Ray
+        return (f"{e}. Units committed before are intact; a rerun resumes. To see why it died, rerun with "
+                "-v --ray-logs (and check the memory of the machine: dmesg | grep -i oom).")
     if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
         where = getattr(e, "filename", None) or "the output"
         return (f"no space left on device ({where}): free space or choose another DST; committed units are intact "

@@ -319,8 +319,8 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         summary.statuses = +summary.statuses  # drop zero counts
 
     try:
-        ds = build_dataset(todo, cfg, model_info, config_hash)
-        for part in stream_summaries(ds):
+        graph = build_dataset(todo, cfg, model_info, config_hash)
+        for part in stream_summaries(graph):
             if summary.first_commit_seconds is None and commits and is_ready(commits[0][2]):
                 summary.first_commit_seconds = time.perf_counter() - t0
             p = progress[part[S.UNIT]]

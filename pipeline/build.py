@@ -26,12 +26,15 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.data
 
+from pipeline import schema as S
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
 from pipeline.units import Unit
@@ -52,8 +55,9 @@ def init_ray(cfg: PipelineConfig) -> None:
     # Ray's own progress bars and worker logs stay in Ray's log files unless asked for: the driver prints one
     # progress line of its own (pipeline/progress.py), and workers' row-level warnings are not the job's output.
     if not cfg.ray_logs:
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        # Ray Data logs a failed run's traceback before raising it to the driver, which says it in one line
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the driver's core worker writes to stderr
     if address:
         log.info("joining the Ray cluster at %s", address)
@@ -70,18 +74,92 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx.execution_options.preserve_order = False
 
 
+class StageDiedError(RuntimeError):
+    """A stage's actor died (a crash, an OOM kill) more often than Ray restarts it; says on which block."""
+
+
+@ray.remote(num_cpus=0)
+class FlightLog:
+    """Which blocks the stage actors started and finished, so that a run whose actor keeps dying can name the block
+    it died on: actors run one block at a time, so a block started and never finished was on a dead actor, and the
+    one started most often is the one that kills it."""
+
+    def __init__(self) -> None:
+        self.started: Counter[tuple[str, str]] = Counter()
+        self.finished: set[tuple[str, str]] = set()
+
+    def start(self, stage: str, block: str) -> None:
+        self.started[(stage, block)] += 1
+
+    def finish(self, stage: str, block: str) -> None:
+        self.finished.add((stage, block))
+
+    def unfinished(self) -> list[tuple[str, str, int]]:
+        """(stage, block, times started) of the blocks never finished, most started first."""
+        left = [(s, b, n) for (s, b), n in self.started.items() if (s, b) not in self.finished]
+        return sorted(left, key=lambda x: -x[2])
+
+
+def block_label(table: Any) -> str:
+    """``shard-001.tar rows 0-255`` for a block (``, `` between units; end rows are not rows)."""
+    spans: dict[str, list[int]] = {}
+    for unit, index in zip(table.column(S.UNIT).to_pylist(), table.column(S.INDEX).to_pylist(), strict=True):
+        if index >= 0:
+            span = spans.setdefault(unit, [index, index])
+            span[0], span[1] = min(span[0], index), max(span[1], index)
+    return ", ".join(f"{u} rows {a}-{b}" for u, (a, b) in spans.items()) or "an end-of-unit block"
+
+
+class DetectActor(DetectStage):
+    """:class:`DetectStage` that reports each block to the run's :class:`FlightLog`."""
+
+    def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
+        super().__init__(cfg)
+        self.flight = flight
+
+    def __call__(self, batch: Any) -> Iterator[Any]:
+        label = block_label(batch)
+        ray.get(self.flight.start.remote("detect", label))  # before the work: it may kill this process
+        yield from super().__call__(batch)
+        self.flight.finish.remote("detect", label)
+
+
+class RestoreActor(RestoreStage):
+    """:class:`RestoreStage` that reports each block to the run's :class:`FlightLog`."""
+
+    def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
+        super().__init__(cfg)
+        self.flight = flight
+
+    def __call__(self, batch: Any) -> Any:
+        label = block_label(batch)
+        ray.get(self.flight.start.remote("restore", label))
+        out = super().__call__(batch)
+        self.flight.finish.remote("restore", label)
+        return out
+
+
+@dataclass
+class Graph:
+    """A built run: the dataset to iterate and the flight log of its stage actors."""
+
+    ds: ray.data.Dataset
+    flight: Any
+
+
 def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
-                  config_hash: str) -> ray.data.Dataset:
-    """The restoration graph over ``units`` (all of one kind); iterate it to run it."""
+                  config_hash: str) -> Graph:
+    """The restoration graph over ``units`` (all of one kind); run it with :func:`stream_summaries`."""
     # Ray 2.60 has no named parameter for retry/restart limits: they go through ``**ray_remote_args``,
     # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
+    flight = FlightLog.remote()  # type: ignore[attr-defined]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        return _build(units, cfg, model_info, config_hash)
+        return Graph(_build(units, cfg, model_info, config_hash, flight), flight)
 
 
-def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
-           config_hash: str) -> ray.data.Dataset:
+def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
+           flight: Any) -> ray.data.Dataset:
     kinds = {u.kind for u in units}
     if len(kinds) != 1:
         raise ValueError(f"one job runs units of one kind, got {sorted(k.value for k in kinds)}")
@@ -91,8 +169,8 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
         fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
     actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RETRIES}
     ds = ds.map_batches(
-        DetectStage,
-        fn_constructor_kwargs={"cfg": cfg},
+        DetectActor,
+        fn_constructor_kwargs={"cfg": cfg, "flight": flight},
         batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.detect_actors),
@@ -103,8 +181,8 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
     actors, gpus = restore_pool(cfg, float(ray.cluster_resources().get("GPU", 0.0)))
     log.info("restorer pool: %d actor(s), %s GPU each", actors, gpus or 0)
     ds = ds.map_batches(
-        RestoreStage,
-        fn_constructor_kwargs={"cfg": cfg},
+        RestoreActor,
+        fn_constructor_kwargs={"cfg": cfg, "flight": flight},
         # Ray insists on a row count when GPUs are requested: blocks hold at most rows_per_block rows, so this only
         # lets Ray merge small blocks of face rows into one call (the restorer batches faces itself).
         batch_size=cfg.rows_per_block if gpus else None,
@@ -136,22 +214,44 @@ def restore_pool(cfg: PipelineConfig, cluster_gpus: float) -> tuple[int, float]:
     return 1, gpus
 
 
-def stream_summaries(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
-    """Run the graph, yielding each part's summary (a few per block) as it completes."""
+def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
+    """Run the graph, yielding each part's summary (a few per block) as it completes. An actor that died more often
+    than Ray restarts it ends the run with :class:`StageDiedError`, naming the block it died on."""
+    ds = graph.ds
     before = _stage_actors()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
             yield from table.to_pylist()
-    except BaseException:
+    except BaseException as e:
         shutdown(ds)
         _kill(_stage_actors() - before)  # the pools of THIS run: made after it started, by this driver
+        died = _died_on(graph.flight, e)
+        if died is not None:
+            raise StageDiedError(died) from e
         raise
     finally:
         shutdown(ds)
+        ray.kill(graph.flight)
 
 
-_STAGE_CLASSES = (DetectStage.__name__, RestoreStage.__name__)
+def _died_on(flight: Any, e: BaseException) -> str | None:
+    """What to say when ``e`` is a stage actor's death: the stage and the block its actor died on."""
+    text = f"{type(e).__name__} {e}"
+    if not any(name in text for name in ("ActorDiedError", "RayActorError", "ActorUnavailableError")):
+        return None
+    try:
+        unfinished = ray.get(flight.unfinished.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the log is only a help to say more; the error itself stands
+        return None
+    if not unfinished:
+        return None
+    stage, block, times = unfinished[0]
+    return (f"the {stage} stage's actor died {times} time(s) while working on the block of {block} (a crash or an "
+            f"out-of-memory kill in that process; Ray restarts it {MAX_RESTARTS} times)")
+
+
+_STAGE_CLASSES = (DetectActor.__name__, RestoreActor.__name__)
 
 
 def _stage_actors() -> set[str]:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline import storage
+from pipeline import failpoints, storage
 from pipeline.storage import AtomicWriter, StorageOptions
 from pipeline.units import Unit
 from pipeline.wds import tar_trailer
@@ -161,6 +161,7 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     staging = unit.staging_uri(dst, config_hash)
     parts, every = _list_parts(staging, options)
     chain = cover(parts, expected_count, unit.name)
+    failpoints.hit("commit.begin")
     final_uri = unit.output_uri(dst)
     storage.remove_stale_temps(final_uri)  # a commit killed mid-write left a full-size temp file here
     digest = hashlib.sha256()
@@ -172,16 +173,19 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    failpoints.hit("commit.mid_output")
         if unit.trailer == "tar":
             tail = tar_trailer(size)
             out.write(tail)
             digest.update(tail)
             size += len(tail)
+    failpoints.hit("commit.after_output")
     marker = dict(stats)
     marker.update({"unit": unit.name, "output": final_uri, "count": expected_count, "bytes": size,
                    "sha256": digest.hexdigest(), "parts": len(chain), "config_hash": config_hash,
                    "input": unit.input})
     storage.write_json_atomic(unit.marker_uri(dst), marker, options=options)  # the commit point
+    failpoints.hit("commit.after_marker")
     storage.delete_many(every, options=options)
     _prune_local_dirs(staging)
     return marker

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from pipeline import failpoints, shards, storage
 from pipeline import schema as S
-from pipeline import shards, storage
 from pipeline.config import PipelineConfig
 from pipeline.units import Unit, UnitKind
 from pipeline.wds import MemberNote, Sample, ShardReadError, encode_tar_part, iter_tar_samples, pick_image_member
@@ -672,6 +672,7 @@ class DetectStage:
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         import torch
 
+        failpoints.hit("detect.batch")
         with torch.inference_mode():
             yield from detect_block(batch, self.detector, self.cfg)
 
@@ -688,6 +689,7 @@ class RestoreStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        failpoints.hit("restore.batch")
         with torch.inference_mode():
             return restore_block(batch, self.restorer, self.cfg)
 
@@ -707,4 +709,5 @@ def write_block_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str
         log.error("this worker cannot import torch (%s: %s); exiting so that Ray retries the block on a fresh one",
                   type(e).__name__, e)
         os._exit(1)
+    failpoints.hit("write.block")
     return write_block(batch, cfg, model_info, config_hash, UnitKind(kind))
