@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pipeline import failpoints, storage
 from pipeline.storage import AtomicWriter, StorageOptions
-from pipeline.units import Unit
+from pipeline.units import STAGING_DIR, Unit
 from pipeline.wds import tar_trailer
 
 log = logging.getLogger(__name__)
@@ -259,4 +259,12 @@ def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bo
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         states.update(pool.map(check, with_marker))
+        # a commit killed between its marker and its clean-up left the unit's parts: seen in the same listing
+        staged = {uri.rstrip("/").rsplit("/", 2)[-2] for uri in listing if f"/{STAGING_DIR}/" in uri}
+        leftovers = [u for u in units if states[u.name] == "done"
+                     and u.staging_uri(dst, config_hash).rstrip("/").rsplit("/", 1)[-1] in staged]
+        if leftovers:
+            log.info("removing the staged parts of %d committed unit(s) (a commit interrupted after its marker)",
+                     len(leftovers))
+        list(pool.map(lambda u: clear_staging(u, dst, config_hash, options=options), leftovers))
     return states

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards, storage
+from pipeline import failpoints, shards, storage
 from pipeline import wds as codec
 from pipeline.config import config_hash
 from pipeline.shards import ShardCommitError
@@ -74,6 +74,31 @@ def test_a_damaged_output_is_redone(root: str) -> None:
     assert state(unit, dst, cfg) == "done" and state(unit, dst, cfg, verify=True) == "todo"
     storage.delete(unit.output_uri(dst))
     assert state(unit, dst, cfg) == "todo"
+
+
+@pytest.mark.parametrize("point", ["commit.begin", "commit.mid_output", "commit.after_output", "commit.after_marker"])
+def test_a_commit_stopped_anywhere_is_redone_or_done_and_leaves_no_parts(
+        root: str, point: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that stops at any of its failpoints leaves either no marker (the unit is redone from scratch) or a
+    whole output with its marker, whose leftover parts the next planning removes."""
+    dst = storage.join(root, "out")
+    unit, other, cfg = shard("s.tar"), shard("t.tar"), "h" * 64
+    samples = random_samples(12)
+    for u in (unit, other):
+        stage(u, dst, cfg, 0, samples[:6])
+        stage(u, dst, cfg, 6, samples[6:])
+    monkeypatch.setenv(failpoints.ENV, f"{point}=raise")
+    with pytest.raises(failpoints.FailpointError):
+        shards.commit(unit, dst, cfg, 12, {})
+    monkeypatch.delenv(failpoints.ENV)
+    assert storage.list_prefix(unit.staging_uri(dst, cfg))  # its parts are still there
+    if point == "commit.after_marker":
+        assert state(unit, dst, cfg) == "done"
+        assert storage.list_prefix(unit.staging_uri(dst, cfg)) == []
+        assert list(codec.iter_tar_samples(unit.output_uri(dst))) == samples
+    else:
+        assert state(unit, dst, cfg) == "todo"
+    assert len(storage.list_prefix(other.staging_uri(dst, cfg))) == 2  # another unit's parts are not touched
 
 
 def test_units_never_share_staging(tmp_path: Path) -> None:
