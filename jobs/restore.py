@@ -179,9 +179,11 @@ def image_layout(cfg: PipelineConfig, n_images: int) -> dict[str, int]:
         return {"chunks": max(1, -(-n_images // max(1, cfg.images_per_chunk)))}
 
 
-def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str) -> list[Unit]:
-    """The units to run: not done under this config (``--overwrite``: all). One listing of DST decides."""
-    states = shards.unit_states(units, cfg.dst, config_hash, verify=cfg.verify, options=cfg.storage_options())
+def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str, *, tidy: bool = False) -> list[Unit]:
+    """The units to run: not done under this config (``--overwrite``: all). One listing of DST decides; ``tidy``
+    (holding DST's lease) also removes what interrupted runs left there (:func:`shards.unit_states`)."""
+    states = shards.unit_states(units, cfg.dst, config_hash, verify=cfg.verify, tidy=tidy,
+                                options=cfg.storage_options())
     todo, conflicts = [], []
     for u in units:
         state = states[u.name]
@@ -268,7 +270,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     if only is not None:
         wanted = set(only)
         units = [u for u in units if u.name in wanted]
-    todo = select_todo(units, cfg, config_hash)
+    todo = select_todo(units, cfg, config_hash, tidy=True)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
     summary = RunSummary(units_total=len(units), units_skipped=len(units) - len(todo), config_hash=config_hash,
@@ -362,6 +364,9 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     except BaseException as e:
         # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
         bar.close()
+        if isinstance(e, KeyboardInterrupt) and not all(is_ready(ref) for _, _, ref in commits):
+            log.warning("interrupted: finishing the commits under way (Ctrl-C again to stop at once; a rerun "
+                        "redoes what is not committed)")
         settle(commits)
         for p in progress.values():
             if not p.committed and p.unit.name not in summary.failed:

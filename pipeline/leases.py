@@ -452,7 +452,8 @@ def try_acquire(uri: str, *, ttl: float, owner: Owner | None = None, options: St
             raise LeaseHeld(uri, current, now=now)
         version = replace_if_match(uri, record.to_bytes(), got[1], options=options)
         if version is not None:
-            log.info("took over expired lease %s from %s (expired %s)", uri, current.owner, iso(current.expires))
+            why = f"expired {iso(current.expires)}" if current.expired(now) else "its process is gone from this host"
+            log.info("took over the lease %s from %s (%s)", uri, current.owner, why)
             return Lease(uri, record, version, ttl=ttl, options=options, clock=clock)
         winner = read_lease(uri, options=options)
         if winner is not None and not winner.expired(clock()):

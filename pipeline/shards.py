@@ -222,9 +222,11 @@ def read_marker(unit: Unit, dst: str, *, options: StorageOptions | None = None) 
     return marker
 
 
-def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bool = False,
+def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bool = False, tidy: bool = False,
                 options: StorageOptions | None = None) -> dict[str, UnitState]:
-    """The state of every unit, from ONE (paged) listing of DST and a read of each marker found.
+    """The state of every unit, from ONE (paged) listing of DST and a read of each marker found. With ``tidy`` (only
+    while holding DST's lease), what that listing shows left by interrupted runs goes too: the staged parts of
+    committed units (a commit killed after its marker) and local temp files (writes killed mid-way).
 
     ``done`` needs the marker's config hash and an output whose size equals the marker's ``bytes`` (and, with
     ``verify``, whose sha256 equals the marker's); an output that is missing or does not match is redone, with
@@ -263,8 +265,12 @@ def unit_states(units: Sequence[Unit], dst: str, config_hash: str, *, verify: bo
         staged = {uri.rstrip("/").rsplit("/", 2)[-2] for uri in listing if f"/{STAGING_DIR}/" in uri}
         leftovers = [u for u in units if states[u.name] == "done"
                      and u.staging_uri(dst, config_hash).rstrip("/").rsplit("/", 1)[-1] in staged]
-        if leftovers:
+        if leftovers and tidy:
             log.info("removing the staged parts of %d committed unit(s) (a commit interrupted after its marker)",
                      len(leftovers))
-        list(pool.map(lambda u: clear_staging(u, dst, config_hash, options=options), leftovers))
+            list(pool.map(lambda u: clear_staging(u, dst, config_hash, options=options), leftovers))
+    temps = [uri for uri in listing if storage.is_temp_name(uri)] if tidy else []
+    if temps:
+        log.info("removing %d temp file(s) left in DST by interrupted writes", len(temps))
+        storage.delete_many(temps, options=options)
     return states

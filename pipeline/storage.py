@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -655,6 +656,14 @@ class AtomicWriter:
             self._tmp.unlink(missing_ok=True)
             raise
         fsync_dir(local_path(self.uri).parent)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def is_temp_name(uri: str) -> bool:
+    """Whether ``uri`` is a local :class:`AtomicWriter` temp file (``.NAME.XXXXXXXX.tmp``); never true on S3."""
+    return not is_s3(uri) and bool(_TEMP_NAME.match(uri.rsplit("/", 1)[-1]))
 
 
 def remove_stale_temps(uri: str) -> int:

@@ -93,7 +93,8 @@ def test_a_commit_stopped_anywhere_is_redone_or_done_and_leaves_no_parts(
     monkeypatch.delenv(failpoints.ENV)
     assert storage.list_prefix(unit.staging_uri(dst, cfg))  # its parts are still there
     if point == "commit.after_marker":
-        assert state(unit, dst, cfg) == "done"
+        assert state(unit, dst, cfg) == "done" and storage.list_prefix(unit.staging_uri(dst, cfg))  # looks only
+        assert state(unit, dst, cfg, tidy=True) == "done"
         assert storage.list_prefix(unit.staging_uri(dst, cfg)) == []
         assert list(codec.iter_tar_samples(unit.output_uri(dst))) == samples
     else:
@@ -181,3 +182,21 @@ def test_planning_reads_markers_from_one_listing(s3_bucket: str) -> None:
     assert [n for n, s in states.items() if s == "done"] == [u.name for u in units[::3]]
     assert sum(s == "todo" for s in states.values()) == 40 - len(units[::3])
 
+
+
+def test_planning_removes_temp_files_of_interrupted_writes(tmp_path: Path) -> None:
+    """What a killed local write leaves (``.NAME.XXXXXXXX.tmp`` beside outputs, markers, report images) is removed
+    by the next planning, which holds DST; files that only look alike stay."""
+    dst = str(tmp_path / "out")
+    unit = shard("s.tar")
+    stage(unit, dst, "h" * 64, 0, random_samples(2))
+    shards.commit(unit, dst, "h" * 64, 2, {})
+    temps = [tmp_path / "out" / ".s.tar.k2j4l5m6.tmp", tmp_path / "out" / "_dr2" / "report" / "faces" /
+             ".a_input.jpg.abcd_123.tmp"]
+    kept = [tmp_path / "out" / ".keep.tmp", tmp_path / "out" / "photo.tmp"]
+    for p in temps + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    assert state(unit, dst, "h" * 64) == "done" and all(p.exists() for p in temps)  # without tidy: looks only
+    assert state(unit, dst, "h" * 64, tidy=True) == "done"
+    assert [p.exists() for p in temps + kept] == [False, False, True, True]
