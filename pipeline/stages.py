@@ -581,12 +581,14 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
                  cfg: PipelineConfig) -> tuple[dict[int, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Quality measures and flags of every restored face of ``run`` (row -> per face), and the report's contact
     sheet entries for the faces selected by key hash (always the suspect ones), their thumbnails written."""
+    quality: dict[int, list[dict[str, Any]]] = {}
+    sheet: list[dict[str, Any]] = []
+    if all(composed.status[r] != S.Status.OK.value for r in run):
+        return quality, sheet  # no restored face: nothing to measure, and torch stays unimported on cheap blocks
     from pipeline import report
     from pipeline.quality import measure_face
 
     thresholds = cfg.quality_thresholds()
-    quality: dict[int, list[dict[str, Any]]] = {}
-    sheet: list[dict[str, Any]] = []
     crops, restored, thumbs = table.column(S.CROPS), table.column(S.RESTORED), table.column(S.DR2_THUMBS)
     for r in run:
         if composed.status[r] != S.Status.OK.value:
@@ -696,18 +698,20 @@ class RestoreStage:
 
 def write_block_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
                       kind: str) -> pa.Table:
-    """Ray adapter for :func:`write_block` (task).
+    """Ray adapter for :func:`write_block` (task). Blocks without a restored face (no face found, passthrough) never
+    import torch: a fresh worker starts in a fraction of the time.
 
     A worker whose earlier task was cancelled by Ray (a failed run stops its tasks with KeyboardInterrupt) while it
     was importing torch keeps a half-imported torch for good; such a worker exits at its next block, so that Ray
     retries the block on a fresh worker instead of failing every block it is given."""
-    try:
-        import torch  # noqa: F401 - the quality measures need it; imported first so a broken import is caught here
+    if S.Status.OK.value in batch.column(S.STATUS).to_pylist():  # restored faces: quality measures need torch
+        try:
+            import torch  # noqa: F401 - imported first so that a broken import is caught here
 
-        from pipeline import quality, report  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - an interpreter with a half-imported torch cannot recover
-        log.error("this worker cannot import torch (%s: %s); exiting so that Ray retries the block on a fresh one",
-                  type(e).__name__, e)
-        os._exit(1)
+            from pipeline import quality, report  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - an interpreter with a half-imported torch cannot recover
+            log.error("this worker cannot import torch (%s: %s); exiting so that Ray retries the block on a fresh "
+                      "one", type(e).__name__, e)
+            os._exit(1)
     failpoints.hit("write.block")
     return write_block(batch, cfg, model_info, config_hash, UnitKind(kind))
