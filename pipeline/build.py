@@ -247,8 +247,9 @@ def _died_on(flight: Any, e: BaseException) -> str | None:
     if not unfinished:
         return None
     stage, block, times = unfinished[0]
-    return (f"the {stage} stage's actor died {times} time(s) while working on the block of {block} (a crash or an "
-            f"out-of-memory kill in that process; Ray restarts it {MAX_RESTARTS} times)")
+    deaths = sum(n for s, _, n in unfinished if s == stage)
+    return (f"the {stage} stage's actor died {deaths} time(s), {times} of them on the block of {block} (a crash or "
+            f"an out-of-memory kill in that process; Ray restarts it {MAX_RESTARTS} times)")
 
 
 _STAGE_CLASSES = (DetectActor.__name__, RestoreActor.__name__)
