@@ -329,14 +329,19 @@ def main() -> None:
     p.add_argument("--synthetic-rows", type=int, default=0, help="also run N image-less rows (driver memory)")
     p.add_argument("--plan-s3", type=int, default=0, help="also plan N shards on a local S3 server")
     p.add_argument("--skip", default="", help="comma list of cases to skip: cheap, tiny")
+    p.add_argument("--bare-threads", type=int, default=1,
+                   help="torch threads of the bare loops (default 1: the one-thread loop; the pipeline's stage "
+                        "actors run torch with one thread each, see RestoreStage)")
     p.add_argument("--keep", type=Path, help="write archives and outputs here and keep them (default: a temp dir)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("jobs").setLevel(logging.WARNING)
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     skip = set(filter(None, args.skip.split(",")))
+    torch.set_num_threads(args.bare_threads)
     load = os.getloadavg()
-    out = [f"cpus={os.cpu_count()} load average={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}", ""]
+    out = [f"cpus={os.cpu_count()} load average={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}; bare loops: one Python "
+           f"thread, torch {args.bare_threads} thread(s)", ""]
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         work = args.keep or Path(tmp)

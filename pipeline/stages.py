@@ -686,7 +686,15 @@ class RestoreStage:
         from pipeline.models import pick_device, restorer_from_config
 
         self.cfg = cfg
-        self.restorer = restorer_from_config(cfg, pick_device(cfg.device))
+        device = pick_device(cfg.device)
+        if device.type == "cpu":
+            # CPU float rounding depends on torch's thread count (the tiny restorer's bytes differ between 1 and 2
+            # threads): one thread on every node, whatever its cores or Ray's OMP_NUM_THREADS, so outputs do not
+            # depend on where a unit ran. Speed on CPU comes from more actors, not more threads.
+            import torch
+
+            torch.set_num_threads(1)
+        self.restorer = restorer_from_config(cfg, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
