@@ -36,7 +36,7 @@ from pipeline import schema as S
 from pipeline import shards, storage
 from pipeline.config import InputFormat, PipelineConfig
 from pipeline.shards import ShardCommitError
-from pipeline.sources import IMAGE_SUFFIXES, expand_source_objects, list_image_objects
+from pipeline.sources import IMAGE_SUFFIXES, expand_source_objects, list_image_inputs
 from pipeline.units import Unit, UnitKind, image_chunks, shard_unit
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ def plan_units(cfg: PipelineConfig) -> list[Unit]:
         raise FileNotFoundError(f"no .tar shards match {cfg.src!r}")
     if _inside(cfg.dst, cfg.src):
         raise ValueError(f"DST {cfg.dst} lies inside SRC {cfg.src}: outputs would be read back as inputs")
-    images = list_image_objects(cfg.src, IMAGE_SUFFIXES, options=options)
-    if not images:
+    images, refused = list_image_inputs(cfg.src, IMAGE_SUFFIXES, options=options)
+    if not images and not refused:
         raise FileNotFoundError(f"no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.src!r}")
-    return image_chunks(cfg.src, images, image_layout(cfg, len(images))["chunks"])
+    return image_chunks(cfg.src, images, image_layout(cfg, len(images))["chunks"], refused)
 
 
 LAYOUT_FILE = "_dr2/layout.json"
@@ -487,6 +487,7 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> di
         "read_error": p.read_error,
         "input": p.unit.input,
         "images": list(p.unit.images) if p.unit.kind is UnitKind.IMAGES else None,
+        "refused": [{"name": n, "reason": r} for n, r in p.unit.refused] if p.unit.kind is UnitKind.IMAGES else None,
         "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},

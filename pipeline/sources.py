@@ -20,7 +20,7 @@ from braceexpand import braceexpand
 
 from pipeline import storage
 from pipeline.storage import ObjectInfo, StorageOptions
-from pipeline.wds import IMAGE_EXTENSIONS
+from pipeline.wds import IMAGE_EXTENSIONS, escape_name
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,24 @@ INTERNAL_DIRS = ("_dr2", "_dr2_staging")
 def list_image_objects(
     root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
 ) -> list[tuple[str, ObjectInfo]]:
-    """(relative POSIX path, object) of the images under a local folder or S3 prefix (recursive, sorted).
+    """(relative POSIX path, object) of the images under a local folder or S3 prefix (recursive, sorted): the
+    images :func:`list_image_inputs` keeps."""
+    return list_image_inputs(root_uri, suffixes, options=options)[0]
+
+
+def list_image_inputs(
+    root_uri: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, *, options: StorageOptions | None = None
+) -> tuple[list[tuple[str, ObjectInfo]], list[tuple[str, str]]]:
+    """The images under a local folder or S3 prefix (recursive, sorted), and the image paths refused, each with
+    its reason: a name that is not valid UTF-8 or that would be written outside DST (``..``, absolute), or a
+    symbolic link (never followed: it could point anywhere on the machine). Refused paths are not lost: they go to
+    their chunk's marker (:func:`pipeline.units.image_chunks`).
 
     Suffixes match case-insensitively. The pipeline's own ``_dr2*`` directories are skipped.
     """
     sfx = tuple(s.lower() for s in suffixes)
     root = root_uri.rstrip("/")
-    out: list[tuple[str, ObjectInfo]] = []
+    out: list[tuple[str, ObjectInfo | None]] = []
     if storage.is_s3(root_uri):
         bucket, prefix = storage.split_s3(root + "/")
         prefix = "" if prefix == "/" else prefix
@@ -165,19 +176,32 @@ def list_image_objects(
         base = storage.local_path(root_uri)
         if not base.is_dir():
             raise FileNotFoundError(f"no such directory: {root_uri}")
-        # symlinks are not followed: a link could point anywhere on the machine
-        out = [(p.relative_to(base).as_posix(), storage.local_object(str(p))) for p in base.rglob("*")
-               if p.is_file() and not p.is_symlink()]
+        out = [(p.relative_to(base).as_posix(), None if p.is_symlink() else storage.local_object(str(p)))
+               for p in base.rglob("*") if p.is_symlink() or p.is_file()]
     kept: list[tuple[str, ObjectInfo]] = []
-    refused: list[tuple[str, ObjectInfo]] = []
+    refused: list[tuple[str, str]] = []
     for rel, info in out:
         if not rel.lower().endswith(sfx) or rel.split("/", 1)[0] in INTERNAL_DIRS:
             continue
-        (kept if _safe_relative(rel) else refused).append((rel, info))
+        reason = _refusal(rel) or ("a symbolic link (not followed)" if info is None else None)
+        if reason:
+            refused.append((rel, reason))
+        elif info is not None:
+            kept.append((rel, info))
     if refused:
-        log.warning("%d image path(s) under %s are left out: not valid UTF-8, or they would be written outside DST "
-                    "(e.g. %r); rename them", len(refused), root_uri, refused[0][0])
-    return sorted(kept)
+        log.warning("%d image path(s) under %s are left out (e.g. %s: %s); their chunks' markers list them",
+                    len(refused), root_uri, escape_name(refused[0][0]), refused[0][1])
+    return sorted(kept), sorted(refused)
+
+
+def _refusal(rel: str) -> str | None:
+    if not _safe_relative(rel):
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            return "name is not valid UTF-8"
+        return "would be written outside DST"
+    return None
 
 
 def _safe_relative(rel: str) -> bool:

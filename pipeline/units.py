@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 from pipeline import storage
+from pipeline.wds import escape_name
 
 STAGING_DIR = "_dr2_staging"
 MANIFEST_DIR = "_dr2/manifests"
@@ -51,6 +53,9 @@ class Unit:
     """The identity of the unit's input as listed at planning: ``size:version`` of a shard (S3 ETag or local
     mtime), or a hash over its images' paths, sizes and versions. Recorded in the marker; a rerun that lists a
     different identity redoes the unit (the input changed, or images were added to or removed from a chunk)."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """(chunks only) Image paths of this chunk that are not inputs, each escaped as valid UTF-8 with its reason
+    (:func:`pipeline.sources.list_image_inputs`): recorded in the chunk's marker, so nothing is dropped unsaid."""
 
     @property
     def id(self) -> str:
@@ -84,12 +89,13 @@ class Unit:
     def to_item(self) -> dict[str, Any]:
         """A plain dict for Ray's ``from_items`` (one row per unit)."""
         return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images),
-                "input": self.input}
+                "input": self.input, "refused": [list(r) for r in self.refused]}
 
     @staticmethod
     def from_item(item: dict[str, Any]) -> Unit:
         return Unit(name=str(item["name"]), kind=UnitKind(item["kind"]), source=str(item["source"]),
-                    images=tuple(str(x) for x in (item.get("images") or ())), input=str(item.get("input") or ""))
+                    images=tuple(str(x) for x in (item.get("images") or ())), input=str(item.get("input") or ""),
+                    refused=tuple((str(n), str(r)) for n, r in (item.get("refused") or ())))
 
 
 def chunk_name(n: int) -> str:
@@ -111,16 +117,23 @@ def chunk_of(rel: str, chunks: int) -> int:
     return int.from_bytes(hashlib.sha256(rel.encode("utf-8", "surrogateescape")).digest()[:8], "big") % chunks
 
 
-def image_chunks(root: str, images: list[tuple[str, storage.ObjectInfo]], chunks: int) -> list[Unit]:
-    """Plain images grouped into ``chunks`` stable chunks (empty ones left out), each sorted by path."""
+def image_chunks(root: str, images: list[tuple[str, storage.ObjectInfo]], chunks: int,
+                 refused: Sequence[tuple[str, str]] = ()) -> list[Unit]:
+    """Plain images grouped into ``chunks`` stable chunks (empty ones left out), each sorted by path; a refused path
+    (``(relative path, reason)``) goes to the chunk its path hashes to, like an image, and is part of its identity."""
     groups: dict[int, list[tuple[str, storage.ObjectInfo]]] = {}
+    refusals: dict[int, list[tuple[str, str]]] = {}
     for rel, info in images:
         groups.setdefault(chunk_of(rel, chunks), []).append((rel, info))
+    for rel, reason in refused:
+        refusals.setdefault(chunk_of(rel, chunks), []).append((escape_name(rel), reason))
     units = []
-    for n in sorted(groups):
-        members = sorted(groups[n], key=lambda x: x[0])
-        identity = hashlib.sha256("".join(f"{r}\t{o.size}\t{o.version}\n" for r, o in members).encode(
-            "utf-8", "surrogateescape")).hexdigest()
+    for n in sorted(set(groups) | set(refusals)):
+        members = sorted(groups.get(n, []), key=lambda x: x[0])
+        refs = tuple(sorted(refusals.get(n, [])))
+        identity = hashlib.sha256("".join(
+            [f"{r}\t{o.size}\t{o.version}\n" for r, o in members] + [f"refused\t{r}\t{why}\n" for r, why in refs]
+        ).encode("utf-8", "surrogateescape")).hexdigest()
         units.append(Unit(name=chunk_name(n), kind=UnitKind.IMAGES, source=root,
-                          images=tuple(r for r, _ in members), input=identity))
+                          images=tuple(r for r, _ in members), input=identity, refused=refs))
     return units

@@ -89,7 +89,7 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 """The characters tarfile's ``surrogateescape`` makes of bytes that are not UTF-8."""
 
 
-def _escaped(name: str) -> str:
+def escape_name(name: str) -> str:
     """``name`` as valid, printable UTF-8: bytes that were not UTF-8 (surrogate-escaped by tarfile) become
     ``\\xNN``, control and other non-printable characters their Python escape."""
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -124,9 +124,9 @@ _DEVICE_KINDS = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block de
 def _member_problem(info: tarfile.TarInfo, suffix: str) -> str | None:
     """Why a member with a usable key is not carried as ``suffix`` (None: it is carried)."""
     if info.issym():
-        return f"symbolic link to {_escaped(info.linkname)!r}, not followed"
+        return f"symbolic link to {escape_name(info.linkname)!r}, not followed"
     if info.islnk():
-        return f"hard link to {_escaped(info.linkname)!r}, not followed"
+        return f"hard link to {escape_name(info.linkname)!r}, not followed"
     if info.type in _DEVICE_KINDS:
         return f"{_DEVICE_KINDS[info.type]} entry"
     if not info.isreg():
@@ -181,7 +181,7 @@ def iter_tar_samples(
                 raise
 
     def unit_note(name: str, reason: str) -> None:
-        note = MemberNote(name=_escaped(name), reason=reason)
+        note = MemberNote(name=escape_name(name), reason=reason)
         if on_note is None:
             log.warning("%s: member %r not carried: %s", uri, note.name, reason)
         else:
@@ -204,7 +204,7 @@ def iter_tar_samples(
                     parts = split_member_name(name)
                     if parts is None:
                         if current is not None and name == current.key:
-                            current.notes.append(MemberNote(_escaped(name), "no suffix"))
+                            current.notes.append(MemberNote(escape_name(name), "no suffix"))
                         elif rejected is not None and name == rejected[0]:
                             unit_note(name, rejected[1])
                         else:
@@ -234,13 +234,13 @@ def iter_tar_samples(
                     if problem is None and suffix in current_names:
                         problem = "repeated member name in the sample (the first copy is kept)"
                     if problem is not None:
-                        current.notes.append(MemberNote(_escaped(name), problem))
+                        current.notes.append(MemberNote(escape_name(name), problem))
                         continue
                     f = tf.extractfile(info)
                     assert f is not None  # a regular file always has a reader
                     data = f.read()
                     if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {_escaped(name)!r} cut at {len(data)} of {info.size} bytes")
+                        raise tarfile.ReadError(f"member {escape_name(name)!r} cut at {len(data)} of {info.size} bytes")
                     current_names.add(suffix)
                     current.members.append((suffix, data))
         except (tarfile.TarError, EOFError, zlib.error) as e:
@@ -305,7 +305,7 @@ def encode_tar_part(samples: Iterable[Sample]) -> bytes:
             if problem is None and split_member_name(name) != (sample.key, suffix):
                 problem = "it would not read back as the same key and suffix"
             if problem is not None:
-                raise ValueError(f"refusing to write tar member {_escaped(name)!r}: {problem}")
+                raise ValueError(f"refusing to write tar member {escape_name(name)!r}: {problem}")
             out += tar_header(name, len(data))
             out += data
             out += b"\0" * (-len(data) % tarfile.BLOCKSIZE)

@@ -192,3 +192,37 @@ def test_growing_image_folder_stays_exact(tmp_path) -> None:
     assert second.units_done == len(changed) and second.units_skipped == second.units_total - len(changed)
     for k, v in after.items():  # every image kept its chunk
         assert k not in before or before[k] == v
+
+
+def test_refused_image_paths_are_listed_in_their_chunk_markers(tmp_path) -> None:
+    """A symlinked image (never followed) and a name that is not UTF-8 are not inputs, but they are not lost without
+    a word: each is listed, escaped, with its reason in the marker of the chunk its path hashes to, even a chunk
+    that holds nothing else; the rerun is a no-op."""
+    import os
+
+    from tests.jobs.archive import encode, no_face_image
+
+    src, dst = tmp_path / "photos", tmp_path / "restored"
+    src.mkdir()
+    (src / "real.png").write_bytes(encode(no_face_image(1)[:40, :40], "PNG"))
+    (src / "link.png").symlink_to(src / "real.png")
+    latin1 = os.fsencode(src) + b"/caf\xe9.png"  # a latin-1 name: not valid UTF-8
+    with open(latin1, "wb") as f:
+        f.write(encode(no_face_image(2)[:40, :40], "PNG"))
+    cfg = dataclasses.replace(config(src, dst), src=str(src), images_per_chunk=1, restorer=RestorerKind.PASSTHROUGH)
+    summary = run_restore(cfg)
+    assert summary.samples == 1 and summary.failed == {}
+    markers = [json.loads(p.read_text()) for p in sorted((dst / "_dr2" / "manifests").glob("*.stats.json"))]
+    refused = sorted((r["name"], r["reason"]) for m in markers for r in m["refused"])
+    assert refused == [("caf\\xe9.png", "name is not valid UTF-8"), ("link.png", "a symbolic link (not followed)")]
+    assert sum(m["samples"] for m in markers) == 1 and not (dst / "link.png").exists()
+    assert run_restore(cfg).units_done == 0
+
+    only = tmp_path / "only-links"
+    only.mkdir()
+    (only / "a.jpg").symlink_to(src / "real.png")
+    out = tmp_path / "out-links"
+    summary = run_restore(dataclasses.replace(cfg, src=str(only), dst=str(out)))
+    assert summary.units_done == 1 and summary.samples == 0
+    (marker,) = [json.loads(p.read_text()) for p in (out / "_dr2" / "manifests").glob("*.stats.json")]
+    assert marker["refused"] == [{"name": "a.jpg", "reason": "a symbolic link (not followed)"}]

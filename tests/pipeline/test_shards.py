@@ -200,3 +200,24 @@ def test_planning_removes_temp_files_of_interrupted_writes(tmp_path: Path) -> No
     assert state(unit, dst, "h" * 64) == "done" and all(p.exists() for p in temps)  # without tidy: looks only
     assert state(unit, dst, "h" * 64, tidy=True) == "done"
     assert [p.exists() for p in temps + kept] == [False, False, True, True]
+
+
+def test_refused_image_paths_go_to_their_chunk_and_its_identity() -> None:
+    """(The S3 test server normalises ``..``, ``//`` and backslashes in keys, so refused keys are made up here.)"""
+    from pipeline.sources import _refusal
+    from pipeline.storage import ObjectInfo
+    from pipeline.units import chunk_of, image_chunks
+
+    names = ["a/../../x.jpg", "/etc/y.jpg", "d//e.jpg", "w\\in.jpg", "caf\udce9.jpg"]
+    refused = [(n, _refusal(n) or "") for n in names]
+    assert [r for _, r in refused] == ["would be written outside DST"] * 4 + ["name is not valid UTF-8"]
+    assert _refusal("ok/a.jpg") is None and _refusal("..jpg") is None
+    kept = [(f"img{i}.jpg", ObjectInfo(uri=f"s3://b/img{i}.jpg", size=i, version=str(i))) for i in range(6)]
+    units = image_chunks("s3://b/", kept, 3, refused)
+    assert sorted(n for u in units for n, _ in u.refused) == sorted(
+        ["a/../../x.jpg", "/etc/y.jpg", "d//e.jpg", "w\\in.jpg", "caf\\xe9.jpg"])  # escaped: valid UTF-8
+    for u in units:
+        assert all(u.name == chunk_name(chunk_of(n.replace("\\xe9", "\udce9"), 3)) for n, _ in u.refused)
+        assert Unit.from_item(u.to_item()) == u
+    plain = {u.name: u.input for u in image_chunks("s3://b/", kept, 3)}
+    assert {u.name for u in units if u.input != plain.get(u.name)} == {u.name for u in units if u.refused}
