@@ -16,9 +16,13 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
 block sizes chosen by the reader (rows, bytes) and by detection (faces) are the sizes every stage sees.
 
 Failure bounds: Ray's defaults retry tasks and restart actors without limit, so a batch that always kills
-its actor would loop forever (NOTES.md). Here actors restart at most ``MAX_RESTARTS`` times and a batch
-is retried at most ``MAX_RETRIES`` times; past that the job stops with Ray's error. Per-image failures
-never reach Ray: the stages turn them into row statuses.
+its actor would loop forever (NOTES.md). Here actors restart at most ``MAX_RESTARTS`` times, and the read and
+write tasks are retried at most ``MAX_RETRIES`` times; past that the job stops (an actor's death with one
+line naming the stage and the block, :class:`StageDiedError`). A call on a stage actor is retried for as long
+as its actor restarts (``max_task_retries=-1``, bounded by ``max_restarts``): a node that leaves the cluster
+makes its actors unreachable for the ~15 s the GCS takes to declare it dead, and a bounded retry count is
+spent in that window before the actor is restarted elsewhere. Per-image failures never reach Ray: the stages
+turn them into row statuses.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
@@ -152,7 +157,10 @@ def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[s
     """The restoration graph over ``units`` (all of one kind); run it with :func:`stream_summaries`."""
     # Ray 2.60 has no named parameter for retry/restart limits: they go through ``**ray_remote_args``,
     # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
-    flight = FlightLog.remote()  # type: ignore[attr-defined]
+    # On the driver's node, which lives as long as the run: a log on a worker node that leaves would take the
+    # restarted actors down with it (their first call is to the log).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flight = FlightLog.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         return Graph(_build(units, cfg, model_info, config_hash, flight), flight)
@@ -167,7 +175,8 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
     ds = ds.map_batches(
         read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
         fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
-    actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RETRIES}
+    # a call waits out its actor's restarts (see the module docstring); max_restarts bounds them
+    actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": -1}
     ds = ds.map_batches(
         DetectActor,
         fn_constructor_kwargs={"cfg": cfg, "flight": flight},
@@ -247,6 +256,9 @@ def _died_on(flight: Any, e: BaseException) -> str | None:
     if not unfinished:
         return None
     stage, block, times = unfinished[0]
+    if "ActorUnavailableError" in text and "ActorDiedError" not in text and "RayActorError" not in text:
+        return (f"the {stage} stage's actor stopped answering on the block of {block} and was not restarted in "
+                "time (its node left the cluster or its process hangs)")
     deaths = sum(n for s, _, n in unfinished if s == stage)
     return (f"the {stage} stage's actor died {deaths} time(s), {times} of them on the block of {block} (a crash or "
             f"an out-of-memory kill in that process; Ray restarts it {MAX_RESTARTS} times)")

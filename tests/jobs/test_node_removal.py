@@ -33,14 +33,6 @@ RUN_TIMEOUT_S = node_removal_run.HANG_TIMEOUT_S + node_removal_run.JOB_TIMEOUT_S
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("ray_local"),
-    pytest.mark.xfail(strict=True, reason=(
-        "pipeline/build.py: (1) max_task_retries=2 on the stage actors is spent within seconds of the node's death, "
-        "before the GCS marks the node dead (about 15 s), so the in-flight detector call fails with "
-        "ActorUnavailableError instead of waiting for the restart: it needs max_task_retries=-1 (max_restarts=2 "
-        "still bounds an actor that keeps dying); (2) the FlightLog actor (num_cpus=0, no restarts) may sit on the "
-        "removed node, and the restarted DetectActor's ray.get(flight.start) then fails with ActorDiedError: pin it "
-        "to the driver's node (NodeAffinitySchedulingStrategy(driver node, soft=False); soft=True still picks the "
-        "worker when the head has no CPU)")),
 ]
 
 
