@@ -298,6 +298,20 @@ def test_six_interruptions_then_resume_match_a_clean_run(archive: str, clean: Pa
     assert not list(dst.glob("_dr2_staging/**/*.part")) and not list(dst.rglob("*.tmp*")), where
 
 
+def test_a_restore_actor_that_dies_on_its_third_batch_is_survived(archive: str, clean: Path, runner: Runner,
+                                                                  tmp_path: Path) -> None:
+    """The restore actor's process exits in the middle of the run (its third block): Ray restarts it, the block is
+    redone on the new actor and the run ends as the clean one did, byte for byte."""
+    dst = tmp_path / "out"
+    out = runner.run("third", archive, dst, *FAST_BATCHES, timeout=STARTUP_TIMEOUT_S, failpoints="restore.batch=exit@3")
+    assert units_line(out) == (len(SHARDS), 0, len(SHARDS)), out[-3000:]
+    arrivals = sorted(p.name for p in runner.failpoint_dir("third").glob("restore.batch.*"))
+    assert "restore.batch.3" in arrivals and "restore.batch.4" in arrivals, arrivals  # it died there and went on
+    for s in SHARDS:
+        assert (dst / s).read_bytes() == (clean / s).read_bytes(), s
+    assert not list(dst.glob("_dr2_staging/**/*.part")), "staged parts left behind"
+
+
 def test_an_actor_that_always_dies_is_one_line_naming_its_block(archive: str, runner: Runner, tmp_path: Path) -> None:
     proc = runner.start("always", archive, tmp_path / "out", *FAST_BATCHES, failpoints="restore.batch=exit")
     try:
