@@ -155,12 +155,12 @@ class Graph:
 def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
                   config_hash: str) -> Graph:
     """The restoration graph over ``units`` (all of one kind); run it with :func:`stream_summaries`."""
-    # Ray 2.60 has no named parameter for retry/restart limits: they go through ``**ray_remote_args``,
-    # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
     # On the driver's node, which lives as long as the run: a log on a worker node that leaves would take the
     # restarted actors down with it (their first call is to the log).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     flight = FlightLog.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
+    # Ray 2.60 has no named parameter for retry/restart limits: they go through ``**ray_remote_args``,
+    # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         return Graph(_build(units, cfg, model_info, config_hash, flight), flight)
