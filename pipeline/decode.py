@@ -394,7 +394,11 @@ def decoded_to_record(d: DecodedImage) -> dict[str, Any]:
 
 
 def decoded_from_record(rec: dict[str, Any], data: bytes) -> DecodedImage:
-    """The :class:`DecodedImage` of ``data`` that :func:`decoded_to_record` described (no decoding)."""
+    """The :class:`DecodedImage` of ``data`` that :func:`decoded_to_record` described (no decoding).
+
+    The pixel fields (``rgb``, ``alpha``, ``pixels16``) may be bytes or any other buffer, e.g. the Arrow buffers of
+    the block, which are then read in place: ``rgb`` and ``alpha`` are read-only views of them.
+    """
     h, w = int(rec["height"]), int(rec["width"])
     rgb = np.frombuffer(rec["rgb"], np.uint8).reshape(h, w, 3)
     alpha = None if rec["alpha"] is None else np.frombuffer(rec["alpha"], np.dtype(rec["alpha_dtype"])).reshape(h, w)

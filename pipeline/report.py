@@ -156,15 +156,23 @@ def write_face_images(report_uri: str, entry_id: str, images: Mapping[str, np.nd
 
 def pasted_region(composed: np.ndarray, box: tuple[float, float, float, float], *, margin: float = 0.25) -> np.ndarray:
     """The face's region of the composed photo (``box`` x1, y1, x2, y2 widened by ``margin`` of its size on each
-    side, clipped to the photo): the ``pasted`` image of the contact sheet, where seams would show."""
-    h, w = composed.shape[:2]
+    side, clipped to the photo): the ``pasted`` image of the contact sheet, where seams would show. A view."""
+    left, top, right, bottom = pasted_bounds(composed.shape, box, margin=margin)
+    return composed[top:bottom, left:right]
+
+
+def pasted_bounds(shape: tuple[int, ...], box: tuple[float, float, float, float], *,
+                  margin: float = 0.25) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom), end exclusive, of :func:`pasted_region` in a photo of ``shape`` (H, W, ...): what
+    a caller keeps of a composed photo so that the photo itself need not be kept."""
+    h, w = shape[:2]
     x1, y1, x2, y2 = box
     mx, my = margin * (x2 - x1), margin * (y2 - y1)
     left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
     right, bottom = min(w, int(np.ceil(x2 + mx))), min(h, int(np.ceil(y2 + my)))
     if right <= left or bottom <= top:
         raise ValueError(f"box {box} is outside the {w}x{h} photo")
-    return composed[top:bottom, left:right]
+    return left, top, right, bottom
 
 
 def face_entry(

@@ -424,7 +424,9 @@ class Composed:
     error: list[str]
     output: list[bytes | None]  # None: the input bytes pass through
     timings: list[dict[str, float]]
-    rgb: dict[int, np.ndarray]  # the composed photos of the rows restored (for the report's pasted region)
+    # the report's ``pasted`` image of each face of the rows restored (``cfg.report`` only): views of one copy of the
+    # part of the composed photo that the faces' regions cover, so that the whole photos are not kept
+    pasted: dict[int, list[np.ndarray]]
 
 
 def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
@@ -434,7 +436,7 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
     """
     status, error, timings = _column(table, S.STATUS), _column(table, S.ERROR), _timings(table)
     output: list[bytes | None] = [None] * table.num_rows
-    composed: dict[int, np.ndarray] = {}
+    pasted: dict[int, list[np.ndarray]] = {}
     restored = table.column(S.RESTORED)
     index = table.column(S.INDEX).to_numpy()
     for i in range(table.num_rows):
@@ -444,23 +446,55 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
             t0 = time.perf_counter()
             out = guarded(status, error, i, S.Status.ENCODE_ERROR, _compose_row, table, i, cfg)
             if out is not None:
-                (output[i], composed[i]), status[i] = out, S.Status.OK.value
+                (output[i], rgb), status[i] = out, S.Status.OK.value
+                if cfg.report:
+                    try:
+                        pasted[i] = _pasted_regions(rgb, [f["box"] for f in table.column(S.FACES)[i].as_py()])
+                    except ValueError as e:  # a box outside the photo: the report goes without this row's regions
+                        log.warning("row %d: no pasted region for the report: %s", i, e)
             timings[i]["compose"] += time.perf_counter() - t0
         if _pending(status[i]):  # never restored (e.g. no crops): pass through
             status[i] = S.Status.NO_FACE.value
-    return Composed(status, error, output, timings, composed)
+    return Composed(status, error, output, timings, pasted)
 
 
 def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> tuple[bytes, np.ndarray]:
-    from pipeline.decode import decoded_from_record, encode_image
+    """Row ``i``'s output bytes and composed photo: the faces pasted, each over its region only, into a copy of the
+    decoded pixels, which are read in place from the block (no decode, no copy through Python bytes)."""
+    from pipeline.decode import encode_image
     from pipeline.faces import paste_faces
 
-    img = decoded_from_record(table.column(S.DECODED)[i].as_py(), table.column(S.IMAGE)[i].as_py())
+    img = _decoded_in_place(table, i)
     affines = [np.array(f["affine"], np.float64).reshape(2, 3) for f in table.column(S.FACES)[i].as_py()]
     restored = [np.frombuffer(b, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
                 for b in table.column(S.RESTORED)[i].as_py()]
     rgb = paste_faces(img.rgb, affines, restored)
     return encode_image(img, rgb, jpeg_quality=cfg.jpeg_quality), rgb
+
+
+def _decoded_in_place(table: pa.Table, i: int) -> DecodedImage:
+    """Row ``i``'s decoded image from its ``decoded`` and ``image`` columns, the pixels read from the block's Arrow
+    buffers (``as_py`` would copy them into Python bytes first)."""
+    from pipeline.decode import decoded_from_record
+
+    decoded = table.column(S.DECODED)[i]
+    rec = {name: v.as_buffer() if name in _PIXEL_FIELDS else v.as_py() for name, v in decoded.items()}
+    return decoded_from_record(rec, table.column(S.IMAGE)[i].as_py())
+
+
+_PIXEL_FIELDS = frozenset({"rgb", "alpha", "pixels16"})  # the binary fields of ``decoded`` that hold pixels
+
+
+def _pasted_regions(rgb: np.ndarray, boxes: list[list[float]]) -> list[np.ndarray]:
+    """The report's ``pasted`` image of each face box (``report.pasted_region``), as views of one copy of the part
+    of ``rgb`` that they cover."""
+    from pipeline.report import pasted_bounds
+
+    bounds = [pasted_bounds(rgb.shape, (b[0], b[1], b[2], b[3])) for b in boxes]
+    left, top = min(b[0] for b in bounds), min(b[1] for b in bounds)
+    right, bottom = max(b[2] for b in bounds), max(b[3] for b in bounds)
+    part = rgb[top:bottom, left:right].copy()
+    return [part[t - top : b - top, x0 - left : x1 - left] for x0, t, x1, b in bounds]
 
 
 def sample_metadata(*, key: str, status: str, error: str, image_member: str | None,
@@ -594,7 +628,6 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
         if composed.status[r] != S.Status.OK.value:
             continue
         unit, key = table.column(S.UNIT)[r].as_py(), table.column(S.KEY)[r].as_py()
-        boxes = [f["box"] for f in table.column(S.FACES)[r].as_py()]
         row_thumbs = thumbs[r].as_py() or []
         quality[r] = []
         for j, (c, o) in enumerate(zip(crops[r].as_py(), restored[r].as_py(), strict=True)):
@@ -605,8 +638,9 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
             quality[r].append({**q.to_dict(), "flags": entry["flags"]})
             if cfg.report and report.face_sheet_selected(face_key(unit, key, j), suspect=bool(entry["flags"]),
                                                          limit_per_thousand=cfg.report_faces_per_thousand or 1000):
-                images = {"input": inp, "enhanced": out,
-                          "pasted": report.pasted_region(composed.rgb[r], tuple(boxes[j]))}  # type: ignore[arg-type]
+                images = {"input": inp, "enhanced": out}
+                if r in composed.pasted:
+                    images["pasted"] = composed.pasted[r][j]
                 if j < len(row_thumbs):
                     images["dr2"] = np.frombuffer(row_thumbs[j], np.uint8).reshape(THUMB, THUMB, 3)
                 entry["images"] = report.write_face_images(report.report_uri(cfg.dst),

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -196,3 +197,113 @@ def test_no_face_returns_the_input(detector: MTCNN) -> None:
     flat = np.full((120, 160, 3), 90, np.uint8)
     out, metas = restore_image(flat, detector, PassthroughRestorer(), keys_prefix="f", N=4, tau=10)
     assert out is flat and metas == []
+
+
+# --- paste-back touches only each face's region, with the whole-photo result bit for bit ---------------------------
+
+
+def _paste_faces_whole_photo(rgb: np.ndarray, affines: Sequence[np.ndarray], crops: Sequence[np.ndarray], *,
+                             interpolation: int = cv2.INTER_CUBIC) -> np.ndarray:
+    """The paste-back as it was before it worked on regions (kept as the reference): crop and mask warped over the
+    whole photo, blended in float32 over the whole photo, rounded once at the end."""
+    H, W = rgb.shape[:2]
+    out: np.ndarray = rgb.astype(np.float32)
+    for affine, crop in zip(affines, crops, strict=True):
+        inverse = cv2.invertAffineTransform(np.asarray(affine, np.float64))
+        back = cv2.warpAffine(crop, inverse, (W, H), flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
+        ones = np.ones((FACE_SIZE, FACE_SIZE), np.float32)
+        footprint = cv2.warpAffine(ones, inverse, (W, H), flags=cv2.INTER_NEAREST, borderValue=0.0)
+        footprint = cv2.erode(footprint, np.ones((3, 3), np.uint8))
+        edge = max(1, int(np.sqrt(float(footprint.sum()))) // 20)
+        inner = cv2.erode(footprint, np.ones((2 * edge, 2 * edge), np.uint8))
+        m = cv2.GaussianBlur(inner, (2 * edge + 1, 2 * edge + 1), 0)[:, :, None]
+        out = m * back.astype(np.float32) + (1.0 - m) * out
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _similarity(angle: float, scale: float, centre: tuple[float, float]) -> np.ndarray:
+    """(2, 3) photo -> crop: the face centred at ``centre`` (photo pixels), ``scale`` crop pixels per photo pixel."""
+    a = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return np.hstack([a, (np.array([256.0, 256.0]) - a @ np.asarray(centre))[:, None]])
+
+
+def _faces_of(detector: MTCNN, img: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    (det,) = detector.detect([img])
+    faces = align_faces(img, det)
+    assert faces, "the photo should show a face"
+    return [f.affine for f in faces], [255 - f.crop for f in faces]  # a restoration that changes every pixel
+
+
+def _rotated(img: np.ndarray, degrees: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    return cv2.warpAffine(img, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+PASTE_CASES = {
+    "astronaut": photos.astronaut,
+    "grace_hopper_2x": lambda: cv2.resize(photos.grace_hopper(), (1024, 1200), interpolation=cv2.INTER_CUBIC),
+    "cut_by_left_edge": lambda: np.ascontiguousarray(photos.grace_hopper()[:, 150:]),
+    "cut_by_top_edge": lambda: np.ascontiguousarray(photos.grace_hopper()[120:, :]),
+    "cut_by_right_bottom": lambda: np.ascontiguousarray(photos.astronaut()[:200, :290]),
+    "rotated_25": lambda: _rotated(photos.grace_hopper(), 25),
+    "rotated_-40": lambda: _rotated(photos.astronaut(), -40),
+    "six_faces": lambda: photos.canvas_with_faces(6, seed=0, size=(900, 1300))[0],
+}
+
+
+@pytest.mark.parametrize("name", list(PASTE_CASES))
+def test_paste_on_regions_equals_the_whole_photo_paste(detector: MTCNN, name: str) -> None:
+    img = PASTE_CASES[name]()
+    affines, crops = _faces_of(detector, img)
+    want = _paste_faces_whole_photo(img, affines, crops)
+    got = paste_faces(img, affines, crops)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, img)
+
+
+def test_paste_of_overlapping_faces_blends_them_in_order_like_the_whole_photo(detector: MTCNN) -> None:
+    img = cv2.resize(photos.grace_hopper(), (1024, 1200), interpolation=cv2.INTER_CUBIC)
+    affines, crops = _faces_of(detector, img)
+    shifted = affines[0].copy()
+    shifted[:, 2] += (60.0, -45.0)  # the same face 60 crop pixels aside: the two regions overlap
+    small = _similarity(0.3, 2.5, (180.0, 900.0))  # and a third one, apart
+    all_affines, all_crops = [affines[0], shifted, small], [crops[0], crops[0][:, ::-1].copy(), crops[0]]
+    for interpolation in (cv2.INTER_CUBIC, cv2.INTER_LINEAR):
+        want = _paste_faces_whole_photo(img, all_affines, all_crops, interpolation=interpolation)
+        np.testing.assert_array_equal(paste_faces(img, all_affines, all_crops, interpolation=interpolation), want)
+    reverse = _paste_faces_whole_photo(img, all_affines[::-1], all_crops[::-1])
+    np.testing.assert_array_equal(paste_faces(img, all_affines[::-1], all_crops[::-1]), reverse)
+    assert not np.array_equal(reverse, paste_faces(img, all_affines, all_crops))  # order matters where they overlap
+
+
+def test_paste_equals_the_whole_photo_paste_for_any_similarity() -> None:
+    """Random photo sizes, rotations, scales (faces from 85 to 6000 pixels wide) and positions (partly or wholly
+    outside the photo), every interpolation the warps accept: always the whole-photo result, bit for bit."""
+    rng = np.random.default_rng(16)
+    interpolations = (cv2.INTER_CUBIC, cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.INTER_LANCZOS4)
+    for case in range(24):
+        H, W = int(rng.integers(40, 700)), int(rng.integers(40, 900))
+        img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        affines, crops = [], []
+        for _ in range(int(rng.integers(1, 4))):
+            centre = (float(rng.uniform(-0.3, 1.3) * W), float(rng.uniform(-0.3, 1.3) * H))
+            affines.append(_similarity(rng.uniform(-np.pi, np.pi), float(np.exp(rng.uniform(-2.5, 1.8))), centre))
+            crops.append(cv2.GaussianBlur(rng.integers(0, 256, (FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8), (0, 0), 2))
+        interpolation = interpolations[case % len(interpolations)]
+        want = _paste_faces_whole_photo(img, affines, crops, interpolation=interpolation)
+        np.testing.assert_array_equal(paste_faces(img, affines, crops, interpolation=interpolation), want, str(case))
+
+
+def test_paste_leaves_its_input_alone_and_skips_faces_outside_the_photo() -> None:
+    img = photos.astronaut()
+    before = img.copy()
+    crop = np.zeros((FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    outside = _similarity(0.0, 1.0, (2000.0, 2000.0))  # the crop's footprint misses the photo
+    out = paste_faces(img, [outside], [crop])
+    assert out is not img and np.array_equal(out, img) and np.array_equal(img, before)
+    singular = np.zeros((2, 3))  # OpenCV maps every pixel to the crop's corner: the whole photo, as before
+    want = _paste_faces_whole_photo(img, [singular], [crop])
+    np.testing.assert_array_equal(paste_faces(img, [singular], [crop]), want)
+    with pytest.raises(ValueError, match="uint8"):
+        paste_faces(img.astype(np.float32), [outside], [crop])

@@ -141,6 +141,17 @@ def test_pasted_region_widens_the_box_and_clips_to_the_photo() -> None:
         rp.pasted_region(photo, (300.0, 10.0, 340.0, 50.0))
 
 
+def test_pasted_bounds_are_where_pasted_region_cuts() -> None:
+    photo = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8)
+    boxes = [(40.0, 20.0, 80.0, 60.0), (-10.5, -3.25, 30.0, 31.7), (150.2, 70.9, 230.0, 140.0), (0.0, 0.0, 1.0, 1.0)]
+    for box in boxes:
+        left, top, right, bottom = rp.pasted_bounds(photo.shape, box)
+        region = rp.pasted_region(photo, box)
+        assert np.shares_memory(region, photo) and np.array_equal(region, photo[top:bottom, left:right])
+    with pytest.raises(ValueError, match="outside"):
+        rp.pasted_bounds(photo.shape, (300.0, 10.0, 340.0, 50.0))
+
+
 def test_face_images_are_small_jpegs_under_the_report(tmp_path: Path) -> None:
     _, face = _photos_and_faces()[0]
     folder = str(tmp_path / "_dr2" / "report")

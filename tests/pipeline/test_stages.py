@@ -16,8 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from dr2.restorer import PassthroughRestorer
+from pipeline import report, shards, stages
 from pipeline import schema as S
-from pipeline import shards, stages
 from pipeline.config import PipelineConfig, RestorerKind
 from pipeline.decode import decode_image, decoded_from_record, decoded_to_record, encode_image
 from pipeline.faces import paste_faces
@@ -177,6 +177,25 @@ def test_write_block_composes_without_decoding_again_and_stages_one_part(tmp_pat
     assert dict(samples[0].members)["jpg"] == want
 
 
+def test_compose_keeps_only_the_faces_regions_of_the_composed_photo(tmp_path: Path, photos: dict[str, bytes],
+                                                                     detector: Any) -> None:
+    cfg = cfg_for(tmp_path)
+    table = pa.concat_tables([stages.restore_block(b, FailsOnDarkFaces(), cfg) for b in stages.detect_block(
+        _block(tmp_path, photos, ["astro", "plain", "hopper"], cfg), detector, cfg)])
+    composed = stages.compose_block(table, cfg)
+    assert composed.status[:3] == ["ok", "no_face", "ok"] and sorted(composed.pasted) == [0, 2]
+    for r, name in ((0, "astro"), (2, "hopper")):
+        img = decode_image(photos[name], max_pixels=cfg.max_pixels)  # a fresh decode, a whole-photo paste
+        faces = table.column(S.FACES)[r].as_py()
+        crops = [np.frombuffer(c, np.uint8).reshape(512, 512, 3) for c in table.column(S.RESTORED)[r].as_py()]
+        whole = paste_faces(img.rgb, [np.array(f["affine"], np.float64).reshape(2, 3) for f in faces], crops)
+        assert composed.output[r] == encode_image(img, whole, jpeg_quality=cfg.jpeg_quality)
+        for region, face in zip(composed.pasted[r], faces, strict=True):
+            np.testing.assert_array_equal(region, report.pasted_region(whole, tuple(face["box"])))
+            assert region.base is not None and region.base.size < whole.size  # the faces' part, not the photo
+    assert stages.compose_block(table, cfg_for(tmp_path, report=False)).pasted == {}
+
+
 @pytest.mark.parametrize("kind", ["jpeg", "rgba_png", "png16", "gray"])
 def test_decoded_record_round_trip(kind: str) -> None:
     rgb = degrade(astronaut(), 2, seed=0)[:120, :100]
@@ -199,6 +218,13 @@ def test_decoded_record_round_trip(kind: str) -> None:
     edited = d.rgb.copy()
     edited[10:20, 10:20] = 0
     assert encode_image(back, edited) == encode_image(d, edited)
+    # as compose reads it: the pixels straight from the block's Arrow buffers, without a copy through bytes
+    table = stages.block_table({S.DECODED: [decoded_to_record(d)], S.IMAGE: [data]}, 1)
+    in_place = stages._decoded_in_place(table, 0)
+    for name in ("rgb", "alpha", "pixels16"):
+        a, b = getattr(d, name), getattr(in_place, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
+    assert in_place.data == data and encode_image(in_place, edited) == encode_image(d, edited)
 
 
 def test_skip_status_leaves_samples_out_of_the_output_but_in_the_counts(tmp_path: Path, photos: dict[str, bytes],
