@@ -8,8 +8,12 @@
 #    reported, and one the bench can do without only drops the pipeline row);
 # 2. `dr2 verify-fixtures` (the golden fixtures, CPU reference path), then the same fixtures on the device:
 #    fp32 within 1e-4 (TF32 off), bf16 and fp16 within their measured bands (dr2/verify.py DEVICE_BANDS);
-# 3. `dr2 bench` at full size (random weights) for batch sizes 8,32 in fp32 and bf16 (plus bf16 compiled),
-#    writing bench.md / bench.json / verify_*.txt / the log to DIR (default gpu_check_out/).
+# 3. face detection on the device against the CPU paths on the same photos (max differences against
+#    pipeline/mtcnn.py's stated tolerances) and the device's detection images/s on 2 MP photos at batch 8 and 32
+#    (benchmarks/bench_detect.py --check, under a minute; needs scikit-image, matplotlib and the facenet-pytorch
+#    weights: installed, or carried as .venv/lib/python3*/site-packages/facenet_pytorch);
+# 4. `dr2 bench` at full size (random weights) for batch sizes 8,32 in fp32 and bf16 (plus bf16 compiled),
+#    writing bench.md / bench.json / verify_*.txt / detect_check.txt / the log to DIR (default gpu_check_out/).
 #
 # `--device cpu` is the dry run: tiny models, batch 4 (a few minutes on 2 busy cores).
 set -euo pipefail
@@ -20,7 +24,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -111,6 +115,27 @@ print(table)
 Path(os.environ["OUT"], "verify_device.txt").write_text(table + "\n")
 sys.exit(0 if all(r.passed for r in results) else 1)
 EOF
+step "face detection on $DEVICE against the CPU paths; images/s on 2 MP photos"
+DETECT_PATH="$PYTHONPATH"
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('facenet_pytorch') is None)" 2>/dev/null; then
+  # the weights only (the package is never imported): a carried copy of the local venv's, else the index, once
+  CARRIED=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages/facenet_pytorch 2>/dev/null | head -1 || true)
+  if [[ -n "$CARRIED" ]]; then
+    LINKS=$(mktemp -d) && ln -s "$CARRIED" "$LINKS/facenet_pytorch" && DETECT_PATH="$LINKS:$PYTHONPATH"
+  else
+    "$PY" -m pip install --quiet --timeout 10 --retries 0 --no-deps facenet-pytorch==2.6.0 2>/dev/null || true
+  fi
+fi
+if PYTHONPATH="$DETECT_PATH" "$PY" -c "import skimage, matplotlib, cv2; from pipeline.mtcnn import mtcnn_weights_dir as w; w()" \
+    2>/dev/null; then
+  if [[ "$DEVICE" == cpu ]]; then DETECT_BATCHES=2; else DETECT_BATCHES=8,32; fi
+  PYTHONPATH="$DETECT_PATH" timeout 240 "$PY" benchmarks/bench_detect.py --check --device "$DEVICE" \
+    --threads "$(nproc)" --batches "$DETECT_BATCHES" --repeats 3 | tee "$OUT/detect_check.txt" \
+    || echo "detection check: a difference out of tolerance, a failure or a timeout (see above)"
+else
+  echo "detection check skipped: needs scikit-image, matplotlib, opencv and the facenet-pytorch weights"
+fi
+
 step "dr2 bench --device $DEVICE --precision $PRECISIONS --batch-size $BATCHES"
 "${DR2[@]}" bench --device "$DEVICE" --precision "$PRECISIONS" --batch-size "$BATCHES" "${EXTRA[@]}" \
   ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} --out "$OUT"

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.mtcnn import (
+    DEVICE_TOLERANCE,
+    LFW_RESAMPLER_TOLERANCE,
     MTCNN,
+    RESAMPLER_TOLERANCE,
     WEIGHTS_INSTALL_HINT,
     Detection,
+    DetectionGap,
     MTCNNConfig,
+    TorchResampler,
     batched_nms,
     load_mtcnn,
     mtcnn_weights_dir,
@@ -137,24 +144,94 @@ def test_empty_detection_shapes() -> None:
     assert len(e) == 0 and e.boxes.shape == (0, 4) and e.landmarks.shape == (0, 5, 2)
 
 
-def test_torch_resampler_agrees_with_opencv(detector: MTCNN) -> None:
-    """The torch path (what CUDA runs) finds the same faces as the OpenCV path (what CPU runs)."""
+def _per_box_interpolate(
+    images: list[np.ndarray], boxes: torch.Tensor, image_ids: torch.Tensor, size: int
+) -> torch.Tensor:
+    """The torch crops as they were before the summed-area tables: one F.pad + F.interpolate(area) per box."""
+    out = []
+    for box, i in zip(boxes.tolist(), image_ids.tolist(), strict=True):
+        t = torch.from_numpy(images[i]).permute(2, 0, 1).float()
+        H, W = images[i].shape[:2]
+        x1, y1 = math.trunc(box[0]) - 1, math.trunc(box[1]) - 1
+        x2, y2 = max(math.trunc(box[2]), x1 + 1), max(math.trunc(box[3]), y1 + 1)
+        cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), max(min(x2, W), 0), max(min(y2, H), 0)
+        if cx2 <= cx1 or cy2 <= cy1:
+            out.append(torch.zeros(1, 3, size, size))
+            continue
+        patch = F.pad(t[:, cy1:cy2, cx1:cx2], (max(-x1, 0), max(x2 - W, 0), max(-y1, 0), max(y2 - H, 0)))
+        out.append(F.interpolate(patch[None], size=(size, size), mode="area"))
+    return torch.cat(out)
+
+
+def test_torch_crops_equal_a_per_box_interpolate() -> None:
+    """All boxes at once from summed-area tables = torch's area mode box by box, to float32 rounding: boxes
+    inside, across the border, wholly outside, smaller and larger than the crop, images of two sizes (two of
+    one size share a table)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((97, 130, 3), (300, 211, 3), (97, 130, 3))]
+    n = 300
+    xy = rng.uniform(-80, 300, (n, 2))
+    corner = xy + rng.uniform(0.5, 250, (n, 1)) + rng.uniform(-3, 3, (n, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, corner], axis=1)).float()
+    image_ids = torch.from_numpy(rng.integers(0, 3, n))
+    resampler = TorchResampler(images, [1.0] * 3, torch.device("cpu"))
+    assert resampler.groups == [[0, 2], [1]]
+    resampler.CHUNK = 3 * 48 * 48 * 7  # several chunks
+    for size in (24, 48):
+        want = _per_box_interpolate(images, boxes, image_ids, size)
+        torch.testing.assert_close(resampler.crops(boxes, image_ids, size), want, atol=1e-4, rtol=0)
+
+
+def _tolerance_photos() -> list[np.ndarray]:
+    """512 px to 2 MP, clean and degraded, one to six faces (the set scripts/gpu_check.sh compares too)."""
+    a, g = photos.astronaut(), photos.grace_hopper()
+    canvas, _ = photos.canvas_with_faces(6, seed=0)  # 768 x 1024
+    return [a, g, photos.degrade(a, 4, seed=4), photos.degrade(g, 8, seed=8), canvas, _two_mp()]
+
+
+def _two_mp() -> np.ndarray:
+    """1200 x 1600, four faces (heads 100..400 px)."""
+    return photos.canvas_with_faces(4, seed=1, size=(1200, 1600), min_height=100, max_height=400)[0]
+
+
+def test_torch_resampler_within_the_stated_tolerance_of_opencv(detector: MTCNN) -> None:
+    """The torch path (what CUDA runs) against the OpenCV path (the CPU default) on photos: the same faces,
+    boxes, landmarks and scores within RESAMPLER_TOLERANCE (stated in pipeline/mtcnn.py's docstring)."""
     torch_path = load_mtcnn(MTCNNConfig(resampler="torch"))
-    canvas, _ = photos.canvas_with_faces(6, seed=0)
-    images = [photos.astronaut(), photos.grace_hopper(), canvas]
-    for a, b in zip(detector.detect(images), torch_path.detect(images), strict=True):
-        assert len(a) == len(b)
-        order = np.argsort(a.boxes[:, 0]), np.argsort(b.boxes[:, 0])
-        sides = (a.boxes[:, 2] - a.boxes[:, 0])[order[0]]
-        err = np.abs(a.landmarks[order[0]] - b.landmarks[order[1]]).max(axis=(1, 2))
-        assert (err <= 0.05 * sides).all(), (err, sides)
+    images = _tolerance_photos()
+    gaps = [DetectionGap.between(a, b) for a, b in zip(detector.detect(images), torch_path.detect(images), strict=True)]
+    assert [g.faces[0] for g in gaps] == [1, 1, 1, 1, 6, 4]
+    assert all(g.within(RESAMPLER_TOLERANCE) for g in gaps), gaps
+
+
+def test_torch_resampler_within_tolerance_with_max_side(detector: MTCNN) -> None:
+    """The shrink to ``max_side`` too (OpenCV on the host, torch's area mode on the device)."""
+    two_mp = _two_mp()
+    (a,) = load_mtcnn(MTCNNConfig(max_side=1024)).detect([two_mp])
+    (b,) = load_mtcnn(MTCNNConfig(max_side=1024, resampler="torch")).detect([two_mp])
+    gap = DetectionGap.between(a, b)
+    assert gap.faces == (4, 4) and gap.within(RESAMPLER_TOLERANCE), gap
+
+
+def test_torch_resampler_on_lfw_crops(detector: MTCNN) -> None:
+    """Tiny gray LFW crops, upscaled 6x: face / no face agrees on at least 199 of 200 (a borderline face may
+    flip), and faces found by both within a looser bound (stated in pipeline/mtcnn.py's docstring)."""
+    torch_path = load_mtcnn(MTCNNConfig(resampler="torch"))
+    crops = photos.lfw_for_detection(np.concatenate([photos.lfw_faces(), photos.lfw_nonfaces()]))
+    gaps = [DetectionGap.between(a, b) for a, b in zip(detector.detect(crops), torch_path.detect(crops), strict=True)]
+    assert sum(g.faces[0] != g.faces[1] for g in gaps) <= 1
+    assert all(g.within(LFW_RESAMPLER_TOLERANCE) for g in gaps if g.faces[0] == g.faces[1]), gaps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(detector: MTCNN) -> None:
+    """CUDA runs the torch path: the same code on CPU within DEVICE_TOLERANCE, the OpenCV path within
+    RESAMPLER_TOLERANCE."""
     gpu = load_mtcnn(device="cuda")
-    images = [photos.astronaut(), photos.grace_hopper()]
     torch_cpu = load_mtcnn(MTCNNConfig(resampler="torch"))
-    for a, b in zip(torch_cpu.detect(images), gpu.detect(images), strict=True):
-        assert len(a) == len(b) == 1
-        np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.5)
+    images = _tolerance_photos()
+    on_gpu = gpu.detect(images)
+    for a, b in zip(torch_cpu.detect(images), on_gpu, strict=True):
+        assert DetectionGap.between(a, b).within(DEVICE_TOLERANCE), DetectionGap.between(a, b)
+    for a, b in zip(detector.detect(images), on_gpu, strict=True):
+        assert DetectionGap.between(a, b).within(RESAMPLER_TOLERANCE), DetectionGap.between(a, b)
