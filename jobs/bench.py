@@ -18,6 +18,16 @@ attention, 2 FLOPs per multiply-add): full size 387.9 GFLOP per UNet call, 1447.
 
 On CPU the tiny config runs (``DR2Restorer.tiny_random``); on CUDA the full-size architecture with random
 weights (speed does not depend on the values). Not a test: nothing here asserts a speed.
+
+What a plain ``dr2 bench`` measures depends on the device (:data:`DEFAULT_MATRIX`): on CUDA the full matrix
+(fp32 and bf16 x batch 1, 4, 8, a pipeline run per row); on CPU a small one that ends in a few minutes (fp32 x
+batch 1 and 4, one timed repeat after the warm-up, one pipeline run of 4 photos at the last row's batch), since
+the full matrix there (six ``dr2 restore`` subprocesses, bf16 emulated on CPU) took over 18 minutes on a loaded
+machine. ``--full``, or an explicit ``--precision`` / ``--batch-size``, gives CPU the full matrix.
+
+The pipeline row also shows how busy the run's restore and detect actors were (busy seconds / wall seconds,
+summed over the stage's actors), read from the run report's ``busy`` object (``DST/_dr2/report/report.json``);
+"n/a" where the report has none.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,6 +73,9 @@ SPEC_PEAKS: dict[str, dict[str, float]] = {
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+PipelineRows = Literal["every", "last"]  # a `dr2 restore` run for every (precision, batch) row, or the last only
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchOptions:
     device: str = "cpu"
@@ -77,7 +90,24 @@ class BenchOptions:
     repeats: int = 2
     baseline_faces: int = 4
     pipeline_images: int = 0  # 0: 8 on CPU, 48 on CUDA
+    pipeline_rows: PipelineRows = "every"
     verify: bool = False
+
+
+# What a plain `dr2 bench` runs: "full" on CUDA (and on CPU with --full), "small" on CPU, because the full matrix
+# there took over 18 minutes on a loaded 2-core machine (module docstring).
+DEFAULT_MATRIX: dict[Literal["full", "small"], dict[str, Any]] = {
+    "full": {"precisions": ("fp32", "bf16"), "batch_sizes": (1, 4, 8), "repeats": 2, "baseline_faces": 4,
+             "pipeline_images": 0, "pipeline_rows": "every"},
+    "small": {"precisions": ("fp32",), "batch_sizes": (1, 4), "repeats": 1, "baseline_faces": 2,
+              "pipeline_images": 4, "pipeline_rows": "last"},
+}
+
+
+def device_defaults(device: str, *, full: bool) -> dict[str, Any]:
+    """The :class:`BenchOptions` fields a plain run uses on ``device`` ("cpu" or "cuda"): small on CPU unless
+    ``full``."""
+    return dict(DEFAULT_MATRIX["small" if device == "cpu" and not full else "full"])
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -235,9 +265,30 @@ def _count_faces(stats: Any) -> int:
     return 0
 
 
+BUSY_STAGES = ("restore", "detect")
+
+
+def busy_fractions(dst: Path) -> dict[str, float | None]:
+    """Per stage, the run's busy fraction (busy seconds / wall seconds, summed over the stage's actors) from the
+    run report's ``busy`` object (``DST/_dr2/report/report.json``); None where the report or the figure is absent.
+    """
+    path = dst.joinpath("_dr2", "report", "report.json")
+    try:
+        busy = json.loads(path.read_text()).get("busy")
+    except (OSError, ValueError, AttributeError):
+        busy = None
+    out: dict[str, float | None] = dict.fromkeys(BUSY_STAGES)
+    for stage in BUSY_STAGES:
+        entry = busy.get(stage) if isinstance(busy, dict) else None
+        fraction = entry.get("fraction") if isinstance(entry, dict) else None
+        out[stage] = float(fraction) if isinstance(fraction, int | float) else None
+    return out
+
+
 def pipeline_faces_per_s(src: Path, dst: Path, *, device: torch.device, precision: str, batch: int,
                          opts: BenchOptions, model_dirs: tuple[Path, Path] | None) -> tuple[float, int, float]:
-    """Run ``dr2 restore`` in a subprocess; (faces/s over the command's wall time, faces, seconds)."""
+    """Run ``dr2 restore`` in a subprocess; (faces/s over the command's wall time, faces, seconds).
+    The run's outputs (its report included) stay in ``dst``."""
     cmd = [*_dr2_command(), "restore", str(src / "shard-{000..001}.tar"), str(dst), "--overwrite",
            "--N", str(opts.N), "--tau", str(opts.tau), "--precision", precision, "--restore-batch-size", str(batch),
            "--device", device.type]
@@ -272,6 +323,8 @@ COLUMNS = [
     ("restorer_faces_per_s", "restorer faces/s", ".3g"),
     ("pipeline_faces_per_s", "pipeline faces/s", ".3g"),
     ("pipeline_efficiency", "pipeline eff.", ".0%"),
+    ("pipeline_restore_busy", "restore busy", ".0%"),
+    ("pipeline_detect_busy", "detect busy", ".0%"),
     ("baseline_faces_per_s", "baseline faces/s", ".3g"),
     ("speedup", "speed-up", ".3g"),
     ("mfu_measured", "MFU (measured peak)", ".1%"),
@@ -347,6 +400,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             if device.type != "cpu":
                 model_dirs = write_model_dirs(unet, enhancer, tmp / "models")
                 unet, enhancer = unet.to(device), enhancer.to(device)
+        last = (opts.precisions[-1], opts.batch_sizes[-1]) if opts.precisions and opts.batch_sizes else None
         for precision in opts.precisions:
             for batch in opts.batch_sizes:
                 log.info("bench: %s, batch %d", precision, batch)
@@ -358,7 +412,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 row["baseline_faces_per_s"] = baseline
                 row["speedup"] = row["restorer_faces_per_s"] / baseline
                 restorer_fps = row["restorer_faces_per_s"]
-                if archive is not None:
+                if archive is not None and (opts.pipeline_rows == "every" or (precision, batch) == last):
                     dst = tmp / f"restored-{precision}-{batch}"
                     try:
                         fps, n_faces, secs = pipeline_faces_per_s(archive, dst, device=device, precision=precision,
@@ -368,8 +422,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                         row["pipeline_faces_per_s"] = row["pipeline_efficiency"] = "FAILED"
                         row["pipeline_error"] = str(e).strip().splitlines()[-1][:300]
                     else:
+                        busy = busy_fractions(dst)
                         row.update(pipeline_faces_per_s=fps, pipeline_faces=n_faces, pipeline_seconds=secs,
-                                   pipeline_efficiency=fps / restorer_fps)
+                                   pipeline_efficiency=fps / restorer_fps, pipeline_restore_busy=busy["restore"],
+                                   pipeline_detect_busy=busy["detect"])
                     shutil.rmtree(dst, ignore_errors=True)
                 rows.append(row)
     finally:
@@ -390,7 +446,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "compile": ("; ".join(compile_notes) + " (first batch incl. compile)") if opts.compile else "off",
         "pipeline": "skipped" if opts.skip_pipeline else
         f"`dr2 restore` subprocess on {opts.pipeline_images or (8 if device.type == 'cpu' else 48)} degraded photos "
-        "(faces counted from its *.stats.json), wall time incl. Ray start and detection; no compile",
+        "(faces counted from its *.stats.json), wall time incl. Ray start and detection; no compile; "
+        + ("one per row" if opts.pipeline_rows == "every" else "the last row only")
+        + "; busy = the run report's busy seconds / wall seconds of the stage's actors",
         "baseline": f"batch 1, fp32, explicit attention, PNG per face in the loop, {opts.baseline_faces} faces",
     }
     return {"header": header, "rows": rows, "options": {k: str(v) for k, v in dataclasses.asdict(opts).items()}}
@@ -405,37 +463,62 @@ def precision_of(name: str) -> Precision:
 # --------------------------------------------------------------------------------------------- the command
 
 
+DEFAULTS_HELP = (
+    "Defaults per device. CUDA: --precision fp32,bf16 --batch-size 1,4,8 --repeats 2, a `dr2 restore` pipeline run "
+    "of 48 photos for every row, a 4-face baseline. CPU (a few minutes): --precision fp32 --batch-size 1,4 "
+    "--repeats 1, one pipeline run of 4 photos at the last row (batch 4), a 2-face baseline. On CPU, --full (or an "
+    "explicit --precision or --batch-size) runs the CUDA matrix instead, with 8 pipeline photos per row: expect "
+    "20 minutes or more."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = DEFAULTS_HELP
     p.add_argument("--device", default="auto",
                    help="cpu (tiny models) or cuda (full-size models); auto (default): cuda if available")
-    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16 (default fp32,bf16)")
-    p.add_argument("--batch-size", default="1,4,8", help="comma-separated restore batch sizes (default 1,4,8)")
+    p.add_argument("--full", action="store_true",
+                   help="on CPU, the full matrix that CUDA runs by default (fp32,bf16 x 1,4,8, a pipeline run per row)")
+    p.add_argument("--precision", default=None,
+                   help="comma-separated: fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", default=None,
+                   help="comma-separated restore batch sizes (default 1,4,8 on CUDA, 1,4 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (cost reported)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--skip-pipeline", action="store_true", help="leave out the end-to-end `dr2 restore` row")
     p.add_argument("--N", type=int, default=8, help="low-pass factor (default 8, preset moderate)")
     p.add_argument("--tau", type=int, default=35, help="output step (default 35, preset moderate)")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats per measurement (median)")
-    p.add_argument("--pipeline-images", type=int, default=0, help="images in the generated archive (0: 8 cpu/48 gpu)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per measurement, median (default 2 on CUDA, 1 on CPU)")
+    p.add_argument("--pipeline-images", type=int, default=None,
+                   help="images in the generated archive (default 48 on CUDA, 4 on CPU, 8 with --full)")
     p.add_argument("--verify-fixtures", action="store_true",
                    help="first check the golden fixtures on --device in each --precision; stop on a failure")
     p.add_argument("--out", type=Path, default=None, help="also write bench.md and bench.json (and verify.txt) here")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The options of a command line: the device's defaults (:func:`device_defaults`), then what was given."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    full = args.full or args.precision is not None or args.batch_size is not None
+    chosen = device_defaults(torch.device(device).type, full=full)
+    if args.precision is not None:
+        chosen["precisions"] = tuple(precision_of(p.strip()) for p in args.precision.split(",") if p.strip())
+    if args.batch_size is not None:
+        chosen["batch_sizes"] = tuple(int(b) for b in args.batch_size.split(",") if b.strip())
+    if args.repeats is not None:
+        chosen["repeats"] = args.repeats
+    if args.pipeline_images is not None:
+        chosen["pipeline_images"] = args.pipeline_images
     return BenchOptions(
-        device=("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device,
-        precisions=tuple(precision_of(p.strip()) for p in args.precision.split(",") if p.strip()),
-        batch_sizes=tuple(int(b) for b in args.batch_size.split(",") if b.strip()),
+        device=device,
         compile=args.compile,
         compile_mode=args.compile_mode,
         skip_pipeline=args.skip_pipeline,
         out=args.out,
         N=args.N,
         tau=args.tau,
-        repeats=args.repeats,
-        pipeline_images=args.pipeline_images,
         verify=args.verify_fixtures,
+        **chosen,
     )
 
 

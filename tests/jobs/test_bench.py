@@ -1,8 +1,10 @@
-"""``dr2 bench`` (jobs/bench.py): FLOP counts against the issue's figures, the table, the archive it builds, and
-one tiny bare run on CPU. Speeds are printed by the bench, never asserted."""
+"""``dr2 bench`` (jobs/bench.py): FLOP counts against the issue's figures, the table, the archive it builds, one
+tiny bare run on CPU, the per-device defaults and the busy fractions read from a run report. Speeds are printed
+by the bench, never asserted."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +13,18 @@ import webdataset as wds
 
 from dr2.sparnet import SPARNetConfig
 from dr2.unet import UNetConfig
-from jobs.bench import BenchOptions, _count_faces, build_archive, count_flops, markdown, run_bench, spec_peak
+from jobs.bench import (
+    BenchOptions,
+    _count_faces,
+    add_arguments,
+    build_archive,
+    busy_fractions,
+    count_flops,
+    markdown,
+    options_from_args,
+    run_bench,
+    spec_peak,
+)
 from jobs.cli import build_parser
 
 
@@ -51,3 +64,46 @@ def test_cli_registers_bench() -> None:
     args = build_parser().parse_args(["bench", "--device", "cpu", "--precision", "fp32,bf16", "--batch-size", "1,8",
                                       "--skip-pipeline", "--out", "x"])
     assert args.command == "bench" and args.precision == "fp32,bf16" and args.skip_pipeline
+
+
+def _options(*argv: str) -> BenchOptions:
+    return options_from_args(build_parser().parse_args(["bench", *argv]))
+
+
+def test_cpu_default_is_small_and_full_brings_the_matrix_back() -> None:
+    small = _options("--device", "cpu")
+    assert (small.precisions, small.batch_sizes, small.repeats) == (("fp32",), (1, 4), 1)
+    assert (small.pipeline_images, small.pipeline_rows, small.baseline_faces) == (4, "last", 2)
+    for full in (_options("--device", "cpu", "--full"), _options("--device", "cuda")):
+        assert (full.precisions, full.batch_sizes, full.repeats) == (("fp32", "bf16"), (1, 4, 8), 2)
+        assert (full.pipeline_images, full.pipeline_rows, full.baseline_faces) == (0, "every", 4)
+    explicit = _options("--device", "cpu", "--batch-size", "2,8", "--repeats", "3")
+    assert (explicit.precisions, explicit.batch_sizes, explicit.repeats, explicit.pipeline_rows) == (
+        ("fp32", "bf16"), (2, 8), 3, "every")
+    assert _options("--device", "cpu", "--precision", "bf16", "--pipeline-images", "6").pipeline_images == 6
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = parser.format_help()
+    assert "CPU (a few minutes): --precision fp32 --batch-size 1,4" in " ".join(help_text.split())
+
+
+def test_busy_fractions_from_the_run_report(tmp_path: Path) -> None:
+    assert busy_fractions(tmp_path) == {"restore": None, "detect": None}  # no report: n/a
+    folder = tmp_path / "_dr2" / "report"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"run": {}}))
+    assert busy_fractions(tmp_path) == {"restore": None, "detect": None}  # a report from before "busy"
+    busy = {"restore": {"actors": 1, "busy_s": 9.0, "wall_s": 12.0, "fraction": 0.75},
+            "detect": {"actors": 2, "busy_s": 3.0, "wall_s": 24.0, "fraction": 0.125}}
+    (folder / "report.json").write_text(json.dumps({"run": {}, "busy": busy}))
+    assert busy_fractions(tmp_path) == {"restore": 0.75, "detect": 0.125}
+    head = {k: "" for k in ("device", "card", "models", "torch", "N/tau/omega", "UNet calls per face",
+                            "GFLOP per UNet call", "GFLOP per enhancer pass", "TFLOP per face",
+                            "measured peak TFLOP/s", "spec peak TFLOP/s", "compile", "pipeline", "baseline")}
+    rows = [{"precision": "fp32", "batch": 1}, {"precision": "fp32", "batch": 4, "pipeline_restore_busy": 0.75,
+                                                  "pipeline_detect_busy": 0.125}]
+    md = markdown({"header": head, "rows": rows}).splitlines()
+    header = [c.strip() for c in md[-4].split("|")]
+    first, second = ([c.strip() for c in line.split("|")] for line in md[-2:])
+    assert (first[header.index("restore busy")], first[header.index("detect busy")]) == ("n/a", "n/a")
+    assert (second[header.index("restore busy")], second[header.index("detect busy")]) == ("75%", "12%")
