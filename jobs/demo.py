@@ -31,11 +31,13 @@ import webdataset as wds
 from PIL import Image
 
 from dr2.restorer import FACE_SIZE
+from pipeline.decode import ImageError, decode_image
 from pipeline.faces import BORDER_VALUE, FFHQ_TEMPLATE_512, FaceMeta
 
 log = logging.getLogger(__name__)
 
 DEMO_PHOTOS = ("astronaut.jpg", "grace_hopper.jpg", "coffee.jpg")
+PREVIEW_MAX_PIXELS = 100_000_000  # the pipeline's default --max-pixels
 
 
 def degrade(rgb: np.ndarray, factor: int, *, seed: int, jpeg_quality: int = 40) -> np.ndarray:
@@ -119,7 +121,7 @@ def write_preview(src_dir: Path, dst_dir: Path, out_png: Path, *, tile: int = 25
                 continue
             pair = []
             for data in (before[sample["__key__"]][member], sample[member]):
-                img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                img = _decode(data)
                 if img is None:
                     img = np.zeros((tile, tile, 3), np.uint8)
                 pair.append(cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA))
@@ -187,10 +189,16 @@ def aligned_crop(bgr: np.ndarray, face: FaceMeta) -> np.ndarray:
 
 
 def _decode(data: bytes | None) -> np.ndarray | None:
+    """BGR pixels of ``data`` as the pipeline decoded them (orientation applied), or None if it cannot be decoded.
+
+    The pipeline's own decoder (Pillow): OpenCV's would print ``libpng error: ...`` on stderr for the demo's cut-off
+    PNG, and a person would take it for a failure of the run."""
     if not data:
         return None
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if img is None else np.asarray(img)
+    try:
+        return np.ascontiguousarray(decode_image(data, max_pixels=PREVIEW_MAX_PIXELS).rgb[..., ::-1])
+    except ImageError:
+        return None
 
 
 def write_detection_preview(
