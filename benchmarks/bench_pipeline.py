@@ -2,7 +2,8 @@
 the same archive, in one run, for two kinds of rows:
 
     .venv/bin/python benchmarks/bench_pipeline.py [--cheap-shards 20 --cheap-images 500] [--shards 4 --images 8]
-        [--synthetic-rows 0] [--plan-s3 0] [--skip cheap,tiny] [--keep DIR]
+        [--png-shards 32 --png-images 100] [--small 2000x5 --large 100x100] [--synthetic-rows 0] [--plan-s3 0]
+        [--skip cheap,tiny,png,small] [--keep DIR]
 
 (a) cheap rows: ``--cheap-shards`` x ``--cheap-images`` JPEGs of 64x64 without a face, ``--restorer passthrough``.
     The bare loop reads each tar, decodes and runs MTCNN in batches of ``detect_batch_size``, one thread: the
@@ -12,7 +13,16 @@ the same archive, in one run, for two kinds of rows:
     models loaded before the clock and one batch of warm-up. Reported: faces/s of both, steady-state (from
     the first part summary the driver sees to the end, over the faces after the first block) and whole run.
 
-For both: Ray start-up, time from ``run_restore`` to the first committed unit, and the driver's peak RSS
+(e) cheap PNG rows measured from outside: ``--png-shards`` x ``--png-images`` no-face 96x80 PNGs (3,200 rows by
+    default), ``dr2 restore --restorer passthrough`` run as a SUBPROCESS while a thread polls DST for the
+    ``*.stats.json`` markers (every 50 ms): first commit = the first marker seen, after the command started;
+    steady = the rows of the markers after the first one over the time from the first marker to the last;
+    whole run = all rows over the command's wall time (Python, Ray start-up and planning included). Both against
+    the bare loop of (a) on the same tars (goals: steady >= 0.9, whole >= 0.6, first commit <= 10 s).
+(f) many small shards: the same rows (cheap 96x80 PNGs) as ``--small`` (2000x5: shards x rows) and as ``--large``
+    (100x100), each a ``dr2 restore`` subprocess as in (e); reported: both wall times and their ratio (goal <= 2).
+
+For (a) and (b): Ray start-up, time from ``run_restore`` to the first committed unit, and the driver's peak RSS
 growth during the run (sampled every 50 ms). ``--synthetic-rows N`` adds a run over N samples without images
 (read, write, commit only) to show that the driver's memory does not grow with the number of rows;
 ``--plan-s3 N`` plans N shards on a fresh SeaweedFS (tests/s3server.py) and times ``plan_units`` +
@@ -182,6 +192,23 @@ def bare_cheap(src: str, cfg: PipelineConfig) -> Measured:
     return Measured(n, 0, time.perf_counter() - t0)
 
 
+def build_png_archive(root: Path, shards: int, images: int, *, width: int = 96, height: int = 80) -> str:
+    """``root/png-*.tar``: ``width`` x ``height`` PNGs of smooth noise (no face), one JSON each; the brace pattern."""
+    import cv2
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    digits = max(3, len(str(shards - 1)))
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"png-{s:0{digits}d}.tar")) as sink:
+            for i in range(images):
+                small = np.clip(rng.normal(128, 40, (height // 8, width // 8, 3)), 0, 255).astype(np.uint8)
+                ok, png = cv2.imencode(".png", small.repeat(8, 0).repeat(8, 1))
+                assert ok
+                sink.write({"__key__": f"p{s:05d}_{i:05d}", "png": png.tobytes(), "json": b"{}"})
+    return str(root / f"png-{{{0:0{digits}d}..{shards - 1:0{digits}d}}}.tar")
+
+
 # --------------------------------------------------------------------------------------------- pipeline
 
 
@@ -257,6 +284,94 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineMeasured:
     )
 
 
+@dataclass
+class OutsideMeasured:
+    """A ``dr2 restore`` subprocess seen from outside: its wall time and when each marker appeared in DST."""
+
+    seconds: float
+    commits: list[tuple[float, int]]  # (seconds after the command started, samples), in order seen
+    rc: int
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.commits)
+
+    @property
+    def first_commit(self) -> float:
+        return self.commits[0][0] if self.commits else float("nan")
+
+    def steady(self) -> Measured:
+        """Rows committed after the first commit, over the time from the first marker to the last."""
+        if len(self.commits) < 2:
+            return Measured(0, 0, float("nan"))
+        return Measured(sum(n for _, n in self.commits[1:]), 0, self.commits[-1][0] - self.commits[0][0])
+
+    def whole(self) -> Measured:
+        return Measured(self.rows, 0, self.seconds)
+
+
+def run_cli(src: str, dst: Path, *extra: str) -> OutsideMeasured:
+    """``dr2 restore SRC DST --restorer passthrough --quiet`` as a subprocess, polling DST for commit markers."""
+    import subprocess
+    import threading
+
+    seen: dict[str, tuple[float, int]] = {}
+    stop = threading.Event()
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def poll() -> None:
+        while True:
+            done = stop.is_set()
+            for path in dst.glob("*.stats.json"):  # atomic writes: a marker seen is whole
+                if path.name not in seen:
+                    now = time.perf_counter() - t0
+                    seen[path.name] = (now, int(json.loads(path.read_bytes())["count"]))
+            if done:
+                return
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    cmd = [sys.executable, "-c", "import sys; from jobs.cli import main; sys.exit(main())", "restore", src, str(dst),
+           "--restorer", "passthrough", "--device", "cpu", "--quiet", *extra]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    watcher.start()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    if proc.returncode != 0:
+        log.warning("dr2 restore exited %d:\n%s", proc.returncode, proc.stderr[-3000:])
+    return OutsideMeasured(seconds, sorted(seen.values()), proc.returncode)
+
+
+def report_outside(title: str, bare: Measured, m: OutsideMeasured) -> list[str]:
+    steady, whole = m.steady(), m.whole()
+
+    def rate(x: Measured) -> float:
+        return x.images / x.seconds if x.seconds > 0 else 0.0
+
+    return [
+        title,
+        f"{'':<46}{'rows':>8}{'faces':>8}{'seconds':>10}{'rate':>10}",
+        _row("bare loop, one thread", bare, "rows"),
+        _row("dr2 restore, first commit -> last (steady)", steady, "rows"),
+        _row("dr2 restore, whole command", whole, "rows"),
+        f"efficiency: steady {rate(steady) / rate(bare):.2f}, whole run {rate(whole) / rate(bare):.2f}; first commit "
+        f"{m.first_commit:.1f} s after the command started; {len(m.commits)} commits seen; load {_load()}",
+        "",
+    ]
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _shape(text: str) -> tuple[int, int]:
+    shards, _, rows = text.partition("x")
+    return int(shards), int(rows)
+
+
 def plan_on_s3(n: int) -> str:
     """Plan ``n`` shards on a fresh S3 server: listing SRC and DST, once each."""
     from tests.s3server import S3Server
@@ -326,9 +441,13 @@ def main() -> None:
     p.add_argument("--tau", type=int, default=22, help="DR2 output step (default 22, the 'mild' preset)")
     p.add_argument("--detect-batch-size", type=int, default=8)
     p.add_argument("--restore-batch-size", type=int, default=8)
+    p.add_argument("--png-shards", type=int, default=32, help="(e) shards of 96x80 PNGs (default 32)")
+    p.add_argument("--png-images", type=int, default=100, help="(e) PNGs per shard (default 100: 3,200 rows)")
+    p.add_argument("--small", default="2000x5", help="(f) many small shards, SHARDSxROWS (default 2000x5)")
+    p.add_argument("--large", default="100x100", help="(f) the same rows in big shards, SHARDSxROWS (default 100x100)")
     p.add_argument("--synthetic-rows", type=int, default=0, help="also run N image-less rows (driver memory)")
     p.add_argument("--plan-s3", type=int, default=0, help="also plan N shards on a local S3 server")
-    p.add_argument("--skip", default="", help="comma list of cases to skip: cheap, tiny")
+    p.add_argument("--skip", default="", help="comma list of cases to skip: cheap, tiny, png, small")
     p.add_argument("--bare-threads", type=int, default=1,
                    help="torch threads of the bare loops (default 1: the one-thread loop; the pipeline's stage "
                         "actors run torch with one thread each, see RestoreStage)")
@@ -364,6 +483,30 @@ def main() -> None:
             log.info("tiny DR2: pipeline ...")
             out += report_pair(f"(b) tiny DR2: {args.shards} shards x {args.images} face photos, N={args.N} "
                                f"tau={args.tau}", bare, run_pipeline(cfg), "faces")
+        if "png" not in skip:
+            src = build_png_archive(work / "png", args.png_shards, args.png_images)
+            cfg = PipelineConfig(src=src, dst=str(work / "out-png"), restorer=RestorerKind.PASSTHROUGH, **common)
+            log.info("cheap 96x80 PNGs: bare loop ...")
+            bare = bare_cheap(src, cfg)
+            log.info("cheap 96x80 PNGs: dr2 restore, measured from outside ...")
+            m = run_cli(src, work / "out-png")
+            out += report_outside(f"(e) cheap rows from outside: {args.png_shards} shards x {args.png_images} no-face "
+                                  "96x80 PNGs, passthrough", bare, m)
+        if "small" not in skip:
+            walls = []
+            for label, (shards, rows) in (("small", _shape(args.small)), ("large", _shape(args.large))):
+                src = build_png_archive(work / f"png-{label}", shards, rows)
+                log.info("many small shards: %d x %d ...", shards, rows)
+                m = run_cli(src, work / f"out-{label}")
+                walls.append((shards, rows, m))
+            (s1, r1, small), (s2, r2, large) = walls
+            out += ["(f) many small shards: the same cheap 96x80 PNG rows in shards of every size",
+                    f"{s1} shards x {r1} rows: {small.seconds:.1f} s ({small.rows} rows committed, first commit "
+                    f"{small.first_commit:.1f} s)",
+                    f"{s2} shards x {r2} rows: {large.seconds:.1f} s ({large.rows} rows committed, first commit "
+                    f"{large.first_commit:.1f} s)",
+                    f"ratio {small.seconds / large.seconds:.2f} (goal <= 2); per extra unit "
+                    f"{(small.seconds - large.seconds) / max(1, s1 - s2) * 1000:.0f} ms; load {_load()}", ""]
         if args.synthetic_rows:
             root = work / "synthetic"
             root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ A unit's life:
 2. The driver calls :func:`commit` once the parts cover every index: it streams them in index order into
    ``unit.output_uri(dst)`` (atomically, never holding the unit in memory), closes it (tar end-of-archive
    blocks for shards), writes ``unit.marker_uri(dst)`` LAST (the commit marker, with size and sha256), then
-   deletes the parts.
+   deletes the parts. A :class:`Committer` does this for the driver, in batches when units complete faster than
+   one at a time (thousands of tiny shards): in the driver's threads where that is cheap, else as Ray tasks.
 3. :func:`unit_states` tells, for many units at once, which are ``done`` (same config hash, output present
    with the size its marker records), ``conflict`` (committed under another config) or ``todo``, from ONE
    listing of DST plus a read of each marker found. A crash anywhere before the marker leaves the unit
@@ -22,10 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline import failpoints, storage
@@ -157,10 +161,24 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     :class:`~pipeline.storage.AtomicWriter` followed by the unit's trailer, then writes the marker =
     ``stats`` + ``unit``, ``output``, ``count``, ``bytes``, ``sha256``, ``parts``, ``config_hash``, and only
     then deletes the parts. Returns the marker. Memory: one 8 MiB chunk (plus an S3 part buffer).
+
+    Idempotent: parts that no longer cover the unit while its marker is in place (same config hash, count and
+    input, and an output of the recorded size) mean that an earlier attempt of this same commit got past its
+    marker (a retried task whose worker died after it): that marker is returned, what is left staged goes.
+    Within a run holding DST's lease nothing else removes parts whose summaries the driver has seen.
     """
     staging = unit.staging_uri(dst, config_hash)
     parts, every = _list_parts(staging, options)
-    chain = cover(parts, expected_count, unit.name)
+    try:
+        chain = cover(parts, expected_count, unit.name)
+    except ShardCommitError:
+        marker = _committed(unit, dst, config_hash, expected_count, options)
+        if marker is None:
+            raise
+        log.info("%s: already committed by an earlier attempt; removing what is left staged", unit.name)
+        storage.delete_many(every, options=options)
+        _prune_local_dirs(staging)
+        return marker
     failpoints.hit("commit.begin")
     final_uri = unit.output_uri(dst)
     storage.remove_stale_temps(final_uri)  # a commit killed mid-write left a full-size temp file here
@@ -189,6 +207,184 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     storage.delete_many(every, options=options)
     _prune_local_dirs(staging)
     return marker
+
+
+def _committed(unit: Unit, dst: str, config_hash: str, expected_count: int,
+               options: StorageOptions | None) -> dict[str, Any] | None:
+    """The unit's marker if it records this commit (config hash, count, input) and its output has the recorded size."""
+    marker = read_marker(unit, dst, options=options)
+    if marker is None or (marker.get("config_hash"), marker.get("count"), marker.get("input")) != (
+            config_hash, expected_count, unit.input):
+        return None
+    out = storage.stat(unit.output_uri(dst), options=options)
+    return marker if out is not None and out.size == marker.get("bytes") else None
+
+
+@dataclass(frozen=True)
+class CommitJob:
+    """A unit whose parts cover it, ready to commit: its sample count and the stats its marker carries."""
+
+    unit: Unit
+    expected: int
+    stats: Mapping[str, Any]
+
+
+def describe(e: BaseException) -> str:
+    """``Type: last line of the message``: how a failed commit is reported."""
+    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
+    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
+
+
+SMALL_COMMIT_BYTES = 64 * storage.MiB
+
+
+def commits_here(unit: Unit, dst: str) -> bool:
+    """Whether the driver commits ``unit`` itself, in a thread: on a local DST (its files are on the driver's
+    filesystem; a cluster's DST folder is one every node mounts), and for small units on S3 (a few requests and
+    bytes: cheaper than a Ray task). A large shard on S3 is committed in a Ray task, so that its bytes do not all
+    pass through the driver's node."""
+    if not storage.is_s3(dst):
+        return True
+    nbytes, nrows = unit.size_hint
+    return nrows is not None or (nbytes is not None and nbytes <= SMALL_COMMIT_BYTES)
+
+
+@dataclass
+class CommitResult:
+    """What became of one commit: ``error`` empty when committed; ``at`` (``time.perf_counter``) when the driver
+    learned it."""
+
+    job: CommitJob
+    error: str
+    at: float
+
+
+@dataclass
+class Committer:
+    """The driver's commits: :meth:`put` a complete unit and it is committed soon after, in the background.
+
+    ``slots`` threads each take what is queued when they become free (a fair share, ``max_batch`` at most; a large
+    S3 shard alone) and commit it, unit after unit: one unit when units complete slowly, a batch when they complete
+    faster than commits go (thousands of tiny shards), so that no unit waits for a later one and no Ray task is
+    paid per unit. A unit is committed in the thread itself (:func:`commits_here`) or in a Ray task through
+    ``remote(fn, *args, **kwargs)`` (blocking, returns ``fn``'s value). Before each batch ``check()`` runs (the DST
+    lease: a lost lease fails the batch's units, never commits them). A commit in the driver's thread hits the
+    ``commit.*`` failpoints in the driver (``exit`` there ends the run, which a rerun resumes)."""
+
+    dst: str
+    config_hash: str
+    remote: Callable[..., Any]
+    check: Callable[[], None]
+    describe: Callable[[BaseException], str] = describe
+    options: StorageOptions | None = None
+    slots: int = 4
+    max_batch: int = 256
+    _queue: list[CommitJob] = field(default_factory=list)
+    _results: list[CommitResult] = field(default_factory=list)
+    _inflight: int = 0  # jobs taken and not yet done
+    _active: int = 0  # threads committing
+    _closing: bool = False
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def put(self, job: CommitJob) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the committer is closed")
+            self._queue.append(job)
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._work, name=f"commit-{i}", daemon=True)
+                                 for i in range(self.slots)]
+                for t in self._threads:
+                    t.start()
+            self._cond.notify()
+
+    def results(self) -> list[CommitResult]:
+        """The commits finished since the last call."""
+        with self._cond:
+            out, self._results = self._results, []
+        return out
+
+    def pending(self) -> int:
+        """Units queued or being committed."""
+        with self._cond:
+            return len(self._queue) + self._inflight
+
+    def close(self) -> list[CommitResult]:
+        """Commit what is queued, wait for every commit, and return the results not yet taken."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._queue or self._inflight:
+                self._cond.wait(timeout=0.5)  # a timeout: Ctrl-C reaches a waiting main thread
+        for t in self._threads:
+            t.join()
+        return self.results()
+
+    def _take(self) -> list[CommitJob]:
+        """The next batch, lock held: the first job if it is committed in a Ray task (alone: a large shard), else the
+        jobs committed here, a fair share of the queue per free thread."""
+        first = self._queue[0]
+        if not commits_here(first.unit, self.dst):
+            return [self._queue.pop(0)]
+        here = [j for j in self._queue if commits_here(j.unit, self.dst)]
+        free = max(1, len(self._threads) - self._active)
+        batch = here[: min(self.max_batch, math.ceil(len(here) / free))]
+        taken = {id(j) for j in batch}
+        self._queue = [j for j in self._queue if id(j) not in taken]
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+                self._inflight += len(batch)
+                self._active += 1
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._inflight -= len(batch)
+                    self._active -= 1
+                    self._cond.notify_all()
+
+    def _done(self, job: CommitJob, error: str) -> None:
+        with self._cond:
+            self._results.append(CommitResult(job, error, time.perf_counter()))
+
+    def _commit(self, batch: list[CommitJob]) -> None:
+        try:
+            self.check()
+        except Exception as e:  # noqa: BLE001 - the lease is lost: these units are not committed by this run
+            for job in batch:
+                self._done(job, self.describe(e))
+            return
+        for job in batch:
+            args = (job.unit, self.dst, self.config_hash, job.expected, job.stats)
+            try:
+                if commits_here(job.unit, self.dst):
+                    commit(*args, options=self.options)
+                else:  # a large shard on S3: a task of its own, retried if its worker dies (commit is idempotent)
+                    self.remote(commit, *args, options=self.options)
+                error = ""
+            except Exception as e:  # noqa: BLE001 - this unit's failure; the others go on
+                log.warning("%s: commit failed: %s", job.unit.name, e)
+                error = self.describe(e)
+            self._done(job, error)
+
+
+def clear_stagings(units: Sequence[Unit], dst: str, config_hash: str, *, options: StorageOptions | None = None) -> None:
+    """:func:`clear_staging` for many units, from ONE listing of DST's staging folder (usually empty): thousands of
+    units cost one request, not one each."""
+    root = storage.join(dst, STAGING_DIR) + "/"
+    wanted = {u.staging_uri(dst, config_hash)[len(root):].rstrip("/") for u in units}
+    present = {uri[len(root):].split("/", 1)[0] for uri in storage.list_prefix(root, options=options)}
+    for name in sorted(present & wanted):
+        storage.remove_tree(root + name + "/", options=options)
 
 
 def _prune_local_dirs(staging: str) -> None:

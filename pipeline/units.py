@@ -10,6 +10,10 @@ A :class:`Unit` knows everything about where its data lives, so no other module 
   tree (``a.tar`` and ``a/b.tar`` stage apart), and the config hash keeps parts of runs with different
   configs apart;
 * ``trailer``: how the parts are closed when assembled (the tar end-of-archive blocks, or nothing for JSONL).
+
+Small units travel together: :func:`read_groups` puts consecutive small units into one read task, so that an
+archive of thousands of tiny shards costs a few Ray tasks and blocks, not several per shard. Each unit keeps its
+own rows, end row, parts, commit and marker.
 """
 
 from __future__ import annotations
@@ -86,6 +90,15 @@ class Unit:
         """The unit's staging folder for one config, with a trailing ``/`` (so listing it matches nothing else)."""
         return storage.join(dst, STAGING_DIR, f"{self.id}-{config_hash[:16]}") + "/"
 
+    @property
+    def size_hint(self) -> tuple[int | None, int | None]:
+        """(input bytes, rows) as far as planning knows them: a shard's listed size (its rows are unknown until
+        read), a chunk's image count (plus its end row; the images' bytes are not kept). None where unknown."""
+        if self.kind is UnitKind.IMAGES:
+            return None, len(self.images) + 1
+        size, sep, _ = self.input.partition(":")
+        return (int(size), None) if sep and size.isdigit() else (None, None)
+
     def to_item(self) -> dict[str, Any]:
         """A plain dict for Ray's ``from_items`` (one row per unit)."""
         return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images),
@@ -96,6 +109,39 @@ class Unit:
         return Unit(name=str(item["name"]), kind=UnitKind(item["kind"]), source=str(item["source"]),
                     images=tuple(str(x) for x in (item.get("images") or ())), input=str(item.get("input") or ""),
                     refused=tuple((str(n), str(r)) for n, r in (item.get("refused") or ())))
+
+
+MIN_READ_GROUPS = 16
+"""Small units are grouped only as far as this many groups remain: reads stay spread over the cluster, and the first
+units of an archive are committed early instead of waiting for a block shared with many others. An archive of a
+few small shards is read, and committed, shard by shard as before; one of thousands, a few hundred a group."""
+
+
+def read_groups(units: Sequence[Unit], *, max_rows: int, max_bytes: int,
+                min_groups: int = MIN_READ_GROUPS) -> list[list[Unit]]:
+    """Consecutive units, in order, grouped so that one read task takes a group: a unit joins the group before it
+    while the group stays within ``max_rows`` rows (chunks; every unit counts at least its end row), ``max_bytes``
+    input bytes (shards) and ``len(units) // min_groups`` units. A unit whose size planning does not know, or which
+    alone reaches a limit, keeps a read task of its own, as before grouping."""
+    max_units = max(1, len(units) // max(1, min_groups))
+    groups: list[list[Unit]] = []
+    rows = size = 0
+    open_group = False
+    for u in units:
+        nbytes, nrows = u.size_hint
+        if nbytes is None and nrows is None:  # unknown: alone
+            groups.append([u])
+            open_group = False
+            continue
+        r, b = nrows or 1, nbytes or 0
+        if open_group and len(groups[-1]) < max_units and rows + r <= max_rows and size + b <= max_bytes:
+            groups[-1].append(u)
+            rows, size = rows + r, size + b
+            continue
+        groups.append([u])
+        rows, size = r, b
+        open_group = r < max_rows and b < max_bytes  # a unit that fills a block alone takes no company
+    return groups
 
 
 def chunk_name(n: int) -> str:

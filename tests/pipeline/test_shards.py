@@ -221,3 +221,101 @@ def test_refused_image_paths_go_to_their_chunk_and_its_identity() -> None:
         assert Unit.from_item(u.to_item()) == u
     plain = {u.name: u.input for u in image_chunks("s3://b/", kept, 3)}
     assert {u.name for u in units if u.input != plain.get(u.name)} == {u.name for u in units if u.refused}
+
+
+# --- committing many units ---------------------------------------------------------------------------
+
+
+def sized_shard(name: str, nbytes: int = 1000) -> Unit:
+    return Unit(name=name, kind=UnitKind.SHARD, source="", input=f"{nbytes}:v1")
+
+
+def test_a_commit_retried_after_its_marker_returns_it_and_rewrites_nothing(root: str) -> None:
+    """A commit task whose worker died after the marker (and the parts' removal) is retried by Ray: the parts are
+    gone and the marker is in place, so the commit returns that marker and touches nothing."""
+    dst = storage.join(root, "out")
+    unit, cfg = sized_shard("s.tar"), "h" * 64
+    stage(unit, dst, cfg, 0, random_samples(4))
+    marker = shards.commit(unit, dst, cfg, 4, {"ok": 4})
+    data = storage.read_bytes(unit.output_uri(dst))
+    assert shards.commit(unit, dst, cfg, 4, {"ok": 4, "other": "stats"}) == marker  # no parts: already done
+    assert storage.read_bytes(unit.output_uri(dst)) == data and shards.read_marker(unit, dst) == marker
+    with pytest.raises(ShardCommitError, match="missing"):  # a marker of another count is not this commit's
+        shards.commit(unit, dst, cfg, 5, {})
+    with pytest.raises(ShardCommitError, match="missing"):  # nor one of another config
+        shards.commit(unit, dst, "g" * 64, 4, {})
+    storage.write_bytes_atomic(unit.output_uri(dst), data[:-512])  # an output that is not the marker's
+    with pytest.raises(ShardCommitError, match="missing"):
+        shards.commit(unit, dst, cfg, 4, {})
+
+
+def test_clear_stagings_removes_only_the_given_units_parts(root: str) -> None:
+    dst = storage.join(root, "out")
+    units = [sized_shard(f"d/{i}.tar") for i in range(4)]
+    for u in units:
+        stage(u, dst, "c1", 0, random_samples(1))
+    stage(units[0], dst, "c2", 0, random_samples(1))  # another config's parts stay
+    shards.clear_stagings(units[:2] + [sized_shard("never-staged.tar")], dst, "c1")
+    left = storage.list_prefix(storage.join(dst, STAGING_DIR) + "/")
+    assert [u for u in units if any(x.startswith(u.staging_uri(dst, "c1")) for x in left)] == units[2:]
+    assert len(storage.list_prefix(units[0].staging_uri(dst, "c2"))) == 1
+
+
+def committer(dst: str, **kw: object) -> shards.Committer:
+    def remote(fn: object, *args: object, **kwargs: object) -> object:  # a Ray task's stand-in: the same call
+        remote.calls += 1  # type: ignore[attr-defined]
+        return fn(*args, **kwargs)  # type: ignore[operator]
+
+    remote.calls = 0  # type: ignore[attr-defined]
+    return shards.Committer(dst, "h" * 64, remote=remote, check=lambda: None, **kw)  # type: ignore[arg-type]
+
+
+def test_the_committer_commits_many_units_each_once_and_a_failure_alone(root: str) -> None:
+    dst = storage.join(root, "out")
+    units = [sized_shard(f"tiny/{i:04d}.tar") for i in range(60)]
+    samples = {u.name: random_samples(2, seed=i) for i, u in enumerate(units)}
+    for u in units:
+        stage(u, dst, "h" * 64, 0, samples[u.name])
+    c = committer(dst, slots=3)
+    for i, u in enumerate(units):
+        c.put(shards.CommitJob(u, 3 if i == 7 else 2, {"n": i}))  # unit 7: its parts do not cover 3 samples
+    results = c.results() + c.close()
+    assert sorted(r.job.unit.name for r in results) == sorted(u.name for u in units)  # each exactly once
+    failed = {r.job.unit.name: r.error for r in results if r.error}
+    assert list(failed) == ["tiny/0007.tar"] and failed["tiny/0007.tar"].startswith("ShardCommitError: ")
+    for i, u in enumerate(units):
+        if i != 7:
+            assert list(codec.iter_tar_samples(u.output_uri(dst))) == samples[u.name]
+            assert shards.read_marker(u, dst)["n"] == i  # type: ignore[index]
+    assert c.remote.calls == 0  # type: ignore[attr-defined]  # all small: committed in the committer's threads
+    assert c.pending() == 0 and all(not t.is_alive() for t in c._threads)
+
+
+def test_the_committer_fails_units_once_the_lease_is_lost(tmp_path: Path) -> None:
+    dst = str(tmp_path / "out")
+    unit = sized_shard("s.tar")
+    stage(unit, dst, "h" * 64, 0, random_samples(1))
+
+    def lost() -> None:
+        raise RuntimeError("lease DST/_dr2/lease.json was taken over")
+
+    c = shards.Committer(dst, "h" * 64, remote=lambda *a, **k: None, check=lost)
+    c.put(shards.CommitJob(unit, 1, {}))
+    [result] = c.close()
+    assert result.error == "RuntimeError: lease DST/_dr2/lease.json was taken over"
+    assert shards.read_marker(unit, dst) is None and not storage.exists(unit.output_uri(dst))
+
+
+def test_the_committer_sends_a_large_s3_shard_to_a_task_of_its_own(s3_bucket: str) -> None:
+    dst = f"s3://{s3_bucket}/out"
+    big, small = sized_shard("big.tar", shards.SMALL_COMMIT_BYTES + 1), sized_shard("small.tar")
+    for u in (big, small):
+        stage(u, dst, "h" * 64, 0, random_samples(2))
+    assert not shards.commits_here(big, dst) and shards.commits_here(small, dst)
+    assert shards.commits_here(big, "/local/dst")
+    c = committer(dst)
+    c.put(shards.CommitJob(big, 2, {}))
+    c.put(shards.CommitJob(small, 2, {}))
+    assert sorted((r.job.unit.name, r.error) for r in c.close()) == [("big.tar", ""), ("small.tar", "")]
+    assert c.remote.calls == 1  # type: ignore[attr-defined]
+    assert list(codec.iter_tar_samples(big.output_uri(dst))) == random_samples(2)
