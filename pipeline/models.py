@@ -79,7 +79,7 @@ def build_detector(cfg: PipelineConfig, device: torch.device) -> MTCNN:
 
 def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torch.device, precision: str, seed: int,
                    batch_size: int, omega: int | None, options: StorageOptions | None = None,
-                   fast: dict[str, Any] | None = None) -> FaceRestorer:
+                   fast: dict[str, Any] | None = None, simulate_faces_per_s: float = 34.0) -> FaceRestorer:
     """The face restorer of ``kind``; for DR2, model dirs (local or s3://) are localized and verified first.
 
     ``enhancer`` ``"none"`` (or empty) means bicubic upsampling instead of SPARNetHD. ``fast`` holds the GPU fast
@@ -89,6 +89,10 @@ def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torc
 
     if kind is RestorerKind.PASSTHROUGH:
         return PassthroughRestorer()
+    if kind is RestorerKind.SIMULATE:
+        from pipeline.simulate import SimulatedRestorer
+
+        return SimulatedRestorer(faces_per_s=simulate_faces_per_s, batch_size=batch_size)
     if kind is RestorerKind.TINY:
         return DR2Restorer.tiny_random(device=device, precision=precision, seed=seed, batch_size=batch_size,
                                        omega=omega, **(fast or {}))
@@ -106,7 +110,8 @@ def restorer_from_config(cfg: PipelineConfig, device: torch.device) -> FaceResto
     return build_restorer(kind=cfg.restorer, ddpm=cfg.ddpm, enhancer=cfg.enhancer, device=device,
                           precision=cfg.precision, seed=cfg.seed, batch_size=cfg.restore_batch_size,
                           omega=cfg.resolved_omega, options=cfg.storage_options(),
-                          fast={"attention": cfg.attention, "channels_last": cfg.channels_last, "compile": cfg.compile})
+                          fast={"attention": cfg.attention, "channels_last": cfg.channels_last, "compile": cfg.compile},
+                          simulate_faces_per_s=cfg.simulate_faces_per_s)
 
 
 def _model_config(model_dir: str, options: StorageOptions) -> dict[str, Any]:
@@ -134,6 +139,11 @@ def model_identity(cfg: PipelineConfig) -> dict[str, Any]:
             "ddpm_sha256": str(ddpm["sha256"]),
             "enhancer_sha256": "none" if cfg.enhancer == "none" else str(_model_config(cfg.enhancer, opts)["sha256"]),
         }
+    if cfg.restorer is RestorerKind.SIMULATE:  # in every dr2.json: these outputs are not restorations
+        from pipeline.simulate import SIMULATED_NOTE
+
+        return {"restorer": "simulate", "faces_per_s": cfg.simulate_faces_per_s,
+                "note": SIMULATED_NOTE.format(rate=cfg.simulate_faces_per_s)}
     return {"restorer": cfg.restorer.value}
 
 

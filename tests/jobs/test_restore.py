@@ -226,3 +226,37 @@ def test_refused_image_paths_are_listed_in_their_chunk_markers(tmp_path) -> None
     assert summary.units_done == 1 and summary.samples == 0
     (marker,) = [json.loads(p.read_text()) for p in (out / "_dr2" / "manifests").glob("*.stats.json")]
     assert marker["refused"] == [{"name": "a.jpg", "reason": "a symbolic link (not followed)"}]
+
+
+def test_busy_fractions_in_markers_summary_and_report(first_run) -> None:
+    """Every run records how much of its actors' wall time went to work, per stage: in each marker (the run so far),
+    the summary and the report (a stage-utilisation table)."""
+    dst, summary = first_run
+    for stage in ("detect", "restore"):
+        b = summary.busy[stage]
+        assert b["actors"] == 1 and 0 < b["busy_s"] <= b["wall_s"] and 0 < b["fraction"] <= 1, b
+        assert abs(b["fraction"] - b["busy_s"] / b["wall_s"]) < 1e-3
+        assert b["steady_s"] <= b["wall_s"] and b["steady_fraction"] >= b["fraction"] - 1e-3
+    assert "restore busy" in summary.table() and "detect busy" in summary.table()
+    markers = [json.loads(p.read_text()) for p in sorted(dst.glob("*.stats.json"))]
+    assert all(set(m["busy"]) <= {"detect", "restore"} for m in markers)
+    assert any(m["busy"].get("restore", {}).get("busy_s", 0) > 0 for m in markers)  # a snapshot taken mid-run
+    report = json.loads((dst / "_dr2" / "report" / "report.json").read_text())
+    assert report["busy"] == summary.busy and report["pools"]["restore"]["max_actors"] == 1
+    html = (dst / "_dr2" / "report" / "index.html").read_text()
+    assert 'data-busy="restore"' in html and 'data-busy="detect"' in html and "Stage utilisation" in html
+
+
+def test_simulated_restorer_says_so_everywhere(archive, tmp_path) -> None:
+    """--restorer simulate passes faces through after a stated time per face, and every output, the summary and the
+    report say that these are not restorations."""
+    src, _ = archive
+    cfg = config(src, tmp_path, restorer=RestorerKind.SIMULATE, simulate_faces_per_s=50.0)
+    summary = run_restore(cfg)
+    assert summary.faces >= 1 and "NOT a restoration" in summary.simulated and "SIMULATED" in summary.table()
+    samples = read_shard(tmp_path / "shard-000.tar")
+    metas = [json.loads(s["dr2.json"]) for s in samples]
+    assert all("NOT a restoration" in m["simulated"] and m["models"]["restorer"] == "simulate" for m in metas)
+    assert summary.stage_seconds["restore"] >= summary.faces / 50.0 * 0.9  # it took the time it was told to
+    html = (tmp_path / "_dr2" / "report" / "index.html").read_text()
+    assert "SIMULATED RESTORER" in html

@@ -1,0 +1,61 @@
+"""The balance of a GPU node, run on CPUs: the busy fraction a simulated GPU reaches against what the capacity
+model predicted, at several GPU speeds (faces/s) for one CPU side.
+
+    .venv/bin/python benchmarks/bench_capacity.py [--rates 2,4,8,16,64] [--cpus 2] [--gpus 1] [--shards 3 --images 8]
+
+Each rate is one ``run_restore`` with ``--restorer simulate`` on a simulated Ray cluster (tests/jobs/capacity_run.py:
+a head with ``--cpus`` CPUs, a node per fake GPU) over small one-face photos. Printed per rate: the model's
+bottleneck, predicted restorer busy fraction and the CPUs it says the restorers need, and the measured busy
+fractions (whole run from each actor's ready time, and steady: first block to last). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.jobs.test_gpu_scheduling import face_archive  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="2,4,8,16,64", help="simulated GPU faces/s, comma-separated")
+    p.add_argument("--cpus", default="2")
+    p.add_argument("--gpus", default="1")
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--images", type=int, default=8)
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
+    src = face_archive(tmp / "in", args.shards, args.images)
+    print(f"{os.cpu_count()} cores here; simulated cluster: head {args.cpus} CPUs + {args.gpus} fake GPU node(s); "
+          f"{args.shards * args.images} one-face photos; load {os.getloadavg()[0]:.2f}\n")
+    print("| GPU faces/s | model bottleneck | model restore busy | CPUs needed (90%) | measured restore busy (whole / "
+          "steady) | detect busy | wall |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in args.rates.split(","):
+        out = subprocess.run([sys.executable, "-m", "tests.jobs.capacity_run", src, str(tmp / f"out-{rate}"),
+                              "--cpus", args.cpus, "--gpus", args.gpus, "--faces-per-s", rate],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"| {rate} | run failed: {out.stderr.strip().splitlines()[-1:]} |")
+            continue
+        r = json.loads(line[len("RESULT "):])
+        pr, b = r["predicted"], r["busy"]
+        rb, db = b.get("restore", {}), b.get("detect", {})
+        print(f"| {rate} | {pr['bottleneck']} | {pr['busy']['restore']:.2f} | {pr['cpus_for_restore_busy_0_9']} | "
+              f"{rb.get('fraction', 0):.2f} / {rb.get('steady_fraction', 0):.2f} | {db.get('fraction', 0):.2f} | "
+              f"{r['wall_s']:.1f} s |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

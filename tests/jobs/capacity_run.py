@@ -1,0 +1,65 @@
+"""The balance of a GPU node, run on CPUs: ``run_restore`` with the simulated restorer on a simulated Ray cluster
+(``ray.cluster_utils.Cluster``, fake GPUs), beside what the capacity model predicted for that shape from the costs
+``dr2 estimate`` measured. Prints one JSON line. Used by tests/jobs/test_gpu_scheduling.py and
+benchmarks/bench_capacity.py, each in its own process (a test session has its own local Ray):
+
+    python -m tests.jobs.capacity_run SRC DST --cpus 2 --gpus 1 --faces-per-s 4
+
+The cluster: a head with ``--cpus`` CPUs and no GPU (reads, writes, detectors), and one node per fake GPU holding
+one CPU. The restorer actors sleep 1/R seconds per face while holding their (fake) GPU, so they stand for a GPU that
+restores R faces/s; the busy fraction they reach says whether the CPU side kept them fed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+from jobs.estimate import estimate
+from jobs.restore import run_restore
+from pipeline.capacity import ClusterShape
+from pipeline.config import PipelineConfig, RestorerKind
+
+NODE: dict[str, Any] = {"object_store_memory": 200 * 2**20, "include_dashboard": False}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--cpus", type=float, default=2.0, help="CPUs of the head (the CPU side)")
+    p.add_argument("--gpus", type=int, default=1, help="fake GPUs, one node each (with one CPU)")
+    p.add_argument("--faces-per-s", type=float, default=4.0, help="each simulated GPU's faces/s")
+    p.add_argument("--detect-actors", type=int, default=None)
+    args = p.parse_args(argv)
+    cfg = PipelineConfig(src=args.src, dst=args.dst, restorer=RestorerKind.SIMULATE,
+                         simulate_faces_per_s=args.faces_per_s, progress="quiet", report=True,
+                         detect_actors=args.detect_actors, rows_per_block=8, detect_batch_size=4,
+                         restore_batch_size=4, faces_per_block=4)
+    shape = ClusterShape(cpus=args.cpus + args.gpus, gpus=float(args.gpus))
+    predicted = estimate(cfg, cluster=shape, sample_units_n=2, sample_images=8)  # before Ray: measured here
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus, **NODE})
+    for _ in range(args.gpus):
+        cluster.add_node(num_cpus=1, num_gpus=1, **NODE)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        summary = run_restore(dataclasses.replace(cfg, address=cluster.address))
+        result = {"samples": summary.samples, "faces": summary.faces, "busy": summary.busy, "pools": summary.pools,
+                  "wall_s": summary.seconds, "predicted": {k: predicted[k] for k in (
+                      "bottleneck", "busy", "capacity_images_per_s", "cpus_for_restore_busy_0_9", "images",
+                      "faces", "stage_ms_per_image")}}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
