@@ -54,11 +54,14 @@ class FaceRestorer(Protocol):
 
     name: str
 
-    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> np.ndarray:
-        """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB."""
+    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                omega: int | None = None) -> np.ndarray:
+        """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB. ``omega``: DR2's start step for this call;
+        None keeps the restorer's own (set at construction)."""
         ...
 
-    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                       omega: int | None = None) -> dict[str, np.ndarray]:
         """``{"dr2": the output before the enhancer, "enhanced": what restore() returns}``, each (B, 512, 512, 3)
         uint8 RGB; "enhanced" is byte-identical to :meth:`restore` on the same input."""
         ...
@@ -73,11 +76,13 @@ class PassthroughRestorer:
 
     name = "passthrough"
 
-    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> np.ndarray:
+    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                omega: int | None = None) -> np.ndarray:
         _check_faces(faces, keys)
         return faces.copy()
 
-    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                       omega: int | None = None) -> dict[str, np.ndarray]:
         _check_faces(faces, keys)
         return {"dr2": faces.copy(), "enhanced": faces.copy()}
 
@@ -296,20 +301,24 @@ class DR2Restorer:
 
     # --- the face path -----------------------------------------------------------------------------------------
 
-    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> np.ndarray:
-        """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB; B may be 0."""
-        return self._download(_quantize(self.restore_float(faces, keys, N=N, tau=tau)))
+    def restore(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                omega: int | None = None) -> np.ndarray:
+        """(B, 512, 512, 3) uint8 RGB -> (B, 512, 512, 3) uint8 RGB; B may be 0. ``omega``: this call's start step
+        (a block's faces of different settings are restored in one call per setting); None: the constructed one."""
+        return self._download(_quantize(self.restore_float(faces, keys, N=N, tau=tau, omega=omega)))
 
-    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> dict[str, np.ndarray]:
+    def restore_stages(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                       omega: int | None = None) -> dict[str, np.ndarray]:
         """``{"dr2": DR2's output x0_hat(x_tau) before the enhancer, bicubic to 512, "enhanced": the final faces}``,
         each (B, 512, 512, 3) uint8 RGB; "enhanced" is byte-identical to :meth:`restore`. Without an enhancer
         both are the same."""
-        dr2, enhanced = self._run(faces, keys, N=N, tau=tau, stages=True)
+        dr2, enhanced = self._run(faces, keys, N=N, tau=tau, omega=omega, stages=True)
         return {"dr2": self._download(_quantize(dr2)), "enhanced": self._download(_quantize(enhanced))}
 
-    def restore_float(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int) -> Tensor:
+    def restore_float(self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int,
+                      omega: int | None = None) -> Tensor:
         """The path of :meth:`restore` before quantisation: (B, 3, 512, 512) float32 in [-1, 1], on ``device``."""
-        return self._run(faces, keys, N=N, tau=tau, stages=False)[1]
+        return self._run(faces, keys, N=N, tau=tau, omega=omega, stages=False)[1]
 
     @torch.inference_mode()
     def warmup(self, *, N: int, tau: int) -> float:
@@ -322,7 +331,7 @@ class DR2Restorer:
 
     @torch.inference_mode()
     def _run(
-        self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int, stages: bool
+        self, faces: np.ndarray, keys: Sequence[str], *, N: int, tau: int, stages: bool, omega: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """(dr2 stage or an empty tensor when not ``stages``, final), each (B, 3, 512, 512) float32 on device."""
         _check_faces(faces, keys)
@@ -340,7 +349,7 @@ class DR2Restorer:
                 part_keys += [f"{part_keys[-1]}\x00pad{j}" for j in range(chunk - n)]
             first = self.compile and self.compile_seconds is None
             t0 = time.perf_counter()
-            x0, out = self._restore_chunk(part, part_keys, N=N, tau=tau)
+            x0, out = self._restore_chunk(part, part_keys, N=N, tau=tau, omega=omega)
             if first:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # once per restorer, to time the compile honestly
@@ -351,7 +360,8 @@ class DR2Restorer:
         dr2_all = torch.cat(dr2_outs) if stages else torch.empty(0, device=self.device)
         return dr2_all, torch.cat(outs)  # (B, 3, 512, 512)
 
-    def _restore_chunk(self, faces: np.ndarray, keys: list[str], *, N: int, tau: int) -> tuple[Tensor, Tensor]:
+    def _restore_chunk(self, faces: np.ndarray, keys: list[str], *, N: int, tau: int,
+                       omega: int | None = None) -> tuple[Tensor, Tensor]:
         """One fixed-shape chunk -> (x0_hat at the DDPM size, final faces at 512), float32 on device."""
         x = self._upload(faces).permute(0, 3, 1, 2)  # (B, 3, 512, 512) uint8
         y = pil_bicubic_uint8(x.float(), self.ddpm_size).div(127.5).sub(1.0)  # (B, 3, S_ddpm, S_ddpm) in [-1, 1]
@@ -360,8 +370,8 @@ class DR2Restorer:
         # else y keeps the strides the resize gives it (today's bytes: from the NHWC upload, channels-last-like)
         noise = KeyedNoise(keys, seed=self.seed, device=self.device)
         with self._autocast():
-            x0 = dr2_sample(self._unet_fn, y, self.diffusion, N=N, tau=tau, omega=self.omega, noise=noise,
-                            lowpass=self._lowpass_for(N))
+            x0 = dr2_sample(self._unet_fn, y, self.diffusion, N=N, tau=tau,
+                            omega=self.omega if omega is None else omega, noise=noise, lowpass=self._lowpass_for(N))
         x0 = x0.float().clamp(-1.0, 1.0)  # (B, 3, S_ddpm, S_ddpm)
         h = bicubic_resize(x0, self.enhancer_size)  # (B, 3, S_enh, S_enh)
         if self._enhancer_fn is not None:

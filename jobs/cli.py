@@ -3,6 +3,7 @@
     dr2 demo                      build a degraded demo archive and restore it (local Ray, local files)
     dr2 restore SRC DST           restore the faces in an archive (WebDataset shards or plain images; local or s3://)
     dr2 nightly SRC DST --state S restore what is new or changed since the last run; retries, quarantine, history
+    dr2 estimate SRC              what an archive will cost: faces, bottleneck, wall time, GPU-hours, pools
     dr2 check-output DST          verify a finished destination against its markers (sizes, sha256, counts)
     dr2 restore-faces IN OUT      restore a folder of aligned faces, as the official demo does, batched
     dr2 weights import FILE       convert an official checkpoint to model.safetensors + config.json
@@ -26,17 +27,20 @@ from typing import Any
 
 from jobs.configargs import add_dataclass_args, dataclass_from_args
 from pipeline.config import PipelineConfig
+from pipeline.console import setup_logging
 
 log = logging.getLogger("dr2")
 
-PRESETS = ("mild", "moderate", "severe")
+PRESETS = ("mild", "moderate", "severe", "auto")
 PRESET_HELP = (
     "N/tau from the official demo's three settings: mild (N=4, tau=22), moderate (N=8, tau=35), "
-    "severe (N=16, tau=35). Explicit --N/--tau win."
+    "severe (N=16, tau=35). Explicit --N/--tau win. auto (--adaptive): each face gets the setting of its "
+    "degradation verdict (pipeline/degradation.py), and clean faces are pasted back unrestored (--skip-clean)."
 )
 
 
 def load_preset(name: str) -> dict[str, Any]:
+    """A preset's config fields (jobs/presets/NAME.json): N and tau, or for auto ``adaptive``."""
     data: dict[str, Any] = json.loads(resources.files("jobs").joinpath("presets", f"{name}.json").read_text())
     return data
 
@@ -82,6 +86,31 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     n.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
     add_dataclass_args(n, PipelineConfig)
     n.set_defaults(wait=3600.0, progress="plain", **(preset_defaults or {}))
+
+    e = sub.add_parser("estimate", help="what an archive will cost: images, faces, bottleneck, wall time, GPU-hours",
+                       description=(
+        "Lists SRC, samples a few units (seeded) and runs the CPU stages on them for real (read, decode, detect, "
+        "align, compose, write into a temporary folder), takes the restorer's cost per face (measured here for "
+        "passthrough/tiny, stated for simulate, --restorer-faces-per-s from `dr2 bench`, else the FLOP model at "
+        "--mfu of --gpu-type's peak), and prints for the cluster shape given (default: this machine, local Ray): "
+        "images and faces expected, each stage's capacity, the bottleneck, throughput, the `dr2 restore` command's "
+        "wall time (start-up included), GPU-hours and the pools to run with. Takes `dr2 restore`'s options."))
+    e.add_argument("src", help="input, as for `dr2 restore`")
+    e.add_argument("dst", nargs="?", default="", help="output, as for `dr2 restore` (optional: only checked)")
+    e.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
+    e.add_argument("--cpus", type=float, default=None, help="CPUs of the cluster, all nodes (default: this machine's)")
+    e.add_argument("--gpus", type=float, default=None, help="GPUs of the cluster (default 0: this machine)")
+    e.add_argument("--gpu-type", default="H100", help="GPU model for the FLOP model: H100, H200, H100-PCIE, A100, "
+                   "L40S, A10G (default H100)")
+    e.add_argument("--mfu", type=float, default=None, help="share of the GPU's bf16 peak DR2 reaches (default 0.35)")
+    e.add_argument("--restorer-faces-per-s", type=float, default=None,
+                   help="one restorer's faces/s as `dr2 bench` measured it on your GPU (overrides the FLOP model)")
+    e.add_argument("--sample-units", type=int, default=3, help="units sampled (default 3)")
+    e.add_argument("--sample-images", type=int, default=48, help="images run through the stages at most (default 48)")
+    e.add_argument("--sample-seed", type=int, default=0, help="which units are sampled (default 0)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_dataclass_args(e, PipelineConfig)
+    e.set_defaults(progress="quiet", **(preset_defaults or {}))
 
     c = sub.add_parser("check-output", help="verify a finished destination against its markers", description=(
         "Checks every unit marker under DST: the output exists with the recorded size and sha256, the tar holds "
@@ -322,6 +351,28 @@ COMMANDS["nightly"] = cmd_nightly
 COMMANDS["check-output"] = cmd_check_output
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from jobs.estimate import DEFAULT_MFU, estimate, format_estimate, to_json
+    from pipeline.capacity import ClusterShape
+
+    logging.getLogger().setLevel(logging.WARNING)  # the sample's per-row warnings are not the estimate
+    cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
+    cluster = None
+    if args.cpus is not None or args.gpus is not None:
+        import os
+
+        cluster = ClusterShape(cpus=args.cpus if args.cpus is not None else float(os.cpu_count() or 1),
+                               gpus=args.gpus or 0.0)
+    result = estimate(cfg, cluster=cluster, gpu_type=args.gpu_type, mfu=args.mfu or DEFAULT_MFU,
+                      restorer_faces_per_s=args.restorer_faces_per_s, sample_units_n=args.sample_units,
+                      sample_images=args.sample_images, seed=args.sample_seed)
+    print(to_json(result) if args.json else format_estimate(result))
+    return 0
+
+
+COMMANDS["estimate"] = cmd_estimate
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(prog="dr2", add_help=False)
@@ -330,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     # the restore and nightly commands take these defaults (explicit --N/--tau still win)
     preset = load_preset(known.preset) if known.preset in PRESETS else None
     args = build_parser(preset).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our records one line each (``dr2: warning: ...``), other libraries' from WARNING up; -v: everything, timestamped
+    setup_logging(verbose=args.verbose, quiet=bool(getattr(args, "quiet", False)))
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

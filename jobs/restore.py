@@ -6,9 +6,10 @@ Exactly-once, as the driver sees it:
 * The writers send one summary per staged part (the index range it covers, counts per status, faces,
   seconds) and one per unit end (how many samples the reader found). A unit is committed only when its end
   summary has arrived and the part summaries cover ``0..unit_size-1`` exactly (the same cover rule the commit
-  applies to the staged parts, so a retried block is never counted twice). The commit (a small Ray task)
-  concatenates the staged parts into the unit's output atomically and then writes its ``.stats.json``
-  marker, which a rerun checks.
+  applies to the staged parts, so a retried block is never counted twice). The commit concatenates the staged
+  parts into the unit's output atomically and then writes its ``.stats.json`` marker, which a rerun checks; it
+  runs in the background (:class:`pipeline.shards.Committer`: the driver's threads, or a Ray task for a large
+  shard on S3), batched when units complete faster than one by one (archives of thousands of tiny shards).
 * A rerun skips units whose marker carries the same config hash and whose output has the recorded size;
   ``--overwrite`` redoes them; a unit done under another config is refused unless ``--overwrite`` is given.
 * Staged parts live under a folder named by the unit and the config hash, and those of units about to be
@@ -87,11 +88,17 @@ class RunSummary:
     config_hash: str = ""
     model_info: dict[str, Any] = field(default_factory=dict)
     suspect: int = 0  # restored faces with a quality flag
+    verdicts: Counter[str] = field(default_factory=Counter)  # faces pasted back, per degradation verdict
+    skipped: int = 0  # faces pasted back unrestored (clean, under --skip-clean)
+    saved_s: float = 0.0  # restorer seconds that saved (skipped x their part's restore seconds per restored face)
     sheet: list[dict[str, Any]] = field(default_factory=list)  # the report's contact-sheet entries (bounded)
     non_ok: list[dict[str, Any]] = field(default_factory=list)  # non-ok samples for the report (bounded)
     non_ok_total: int = 0
     report: str = ""  # the report page's URI, once written
     started: float = field(default_factory=time.time)
+    busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: actors, busy_s, wall_s, fraction
+    pools: dict[str, Any] = field(default_factory=dict)  # the pools the run had (pipeline.capacity.Pools)
+    simulated: str = ""  # the simulated restorer's note: these outputs are NOT restorations
 
     def table(self) -> str:
         lines = [
@@ -109,13 +116,32 @@ class RunSummary:
         if self.first_commit_seconds is not None:
             lines.append(f"{'first unit committed':<24}{self.first_commit_seconds:.1f} s after start "
                          f"(planning {self.plan_seconds:.1f} s)")
+        for stage in ("restore", "detect"):
+            b = self.busy.get(stage)
+            if b:
+                lines.append(f"{stage + ' busy':<24}{b['fraction']:.0%} of {b['wall_s']:.1f} actor-s "
+                             f"({b['actors']} actor(s); the rest waiting for input)")
+        if self.simulated:
+            lines.append(f"{'SIMULATED':<24}{self.simulated}")
         if self.suspect:
             lines.append(f"{'suspect faces':<24}{self.suspect} (quality flags; listed first in the report)")
+        if self.verdicts:
+            lines.append(f"{'degradation':<24}" + ", ".join(f"{n} {v}" for v, n in _in_verdict_order(self.verdicts)))
+        if self.skipped:
+            lines.append(f"{'skipped (clean)':<24}{self.skipped} faces pasted back unrestored, ~{self.saved_s:.1f} s "
+                         "of restorer time saved")
         for unit, err in self.read_errors.items():
             lines.append(f"{'read error':<24}{unit}: {err}")
         for unit, err in self.failed.items():
             lines.append(f"{'FAILED':<24}{unit}: {err}")
         return "\n".join(lines)
+
+
+VERDICT_ORDER = ("clean", "mild", "moderate", "severe")  # pipeline.degradation.Verdict, without importing OpenCV
+
+
+def _in_verdict_order(counts: Counter[str]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (VERDICT_ORDER.index(kv[0]) if kv[0] in VERDICT_ORDER else 9, kv[0]))
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -259,7 +285,7 @@ class UnitOutcome:
 
 def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None,
                 only: Collection[str] | None, on_unit: Callable[[UnitOutcome], None] | None) -> RunSummary:
-    from pipeline.build import build_dataset, init_ray, is_ready, remote_call, stream_summaries, wait
+    from pipeline.build import build_dataset, init_ray, remote_call, stream_summaries, wait
     from pipeline.models import model_identity
 
     t0 = time.perf_counter()
@@ -274,7 +300,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
     summary = RunSummary(units_total=len(units), units_skipped=len(units) - len(todo), config_hash=config_hash,
-                         model_info=model_info)
+                         model_info=model_info, simulated=str(model_info.get("note", "")))
     resolved = {"config": cfg.to_dict(), "resolved": {"omega": cfg.resolved_omega}, "models": model_info,
                 "config_hash": config_hash}
     storage.write_bytes_atomic(storage.join(cfg.dst, CONFIG_FILE), json.dumps(resolved, indent=2).encode(),
@@ -288,8 +314,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         log.info("all %d units in %s are done; nothing to do (use --overwrite to redo)", len(units), cfg.dst)
         summary.seconds = time.perf_counter() - t0
         return summary
-    for u in todo:
-        shards.clear_staging(u, cfg.dst, config_hash, options=options)
+    shards.clear_stagings(todo, cfg.dst, config_hash, options=options)
 
     init_ray(cfg)
     from pipeline.progress import Progress
@@ -299,32 +324,34 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     images = sum(len(u.images) for u in todo)
     bar = Progress(len(todo), images or None, mode=cfg.progress)
     progress = {u.name: UnitProgress(u) for u in todo}
-    commits: list[tuple[UnitProgress, dict[str, Any], Any]] = []
+    # Commits run in the background as units complete, batched when they complete faster than one by one
+    # (pipeline.shards.Committer); the lease is checked before each batch too.
+    committer = shards.Committer(cfg.dst, config_hash, remote=lambda fn, *a, **k: wait([remote_call(fn, *a, **k)])[0],
+                                 check=lease.check, describe=one_line, options=options)
 
-    def settle(done: list[tuple[UnitProgress, dict[str, Any], Any]]) -> None:
-        """Wait for the commits; a commit that fails (storage refused the output) fails its unit only."""
-        for p, stats, ref in done:
-            try:
-                wait([ref])
-            except Exception as e:  # noqa: BLE001 - recorded as this unit's failure; the other units stand
+    def settle(done: list[shards.CommitResult]) -> None:
+        """Record finished commits; a commit that failed (storage refused the output) fails its unit only."""
+        for r in done:
+            p, stats = progress[r.job.unit.name], dict(r.job.stats)
+            if r.error:  # recorded as this unit's failure; the other units stand
                 summary.units_done -= 1
                 summary.samples -= stats["samples"]
                 summary.faces -= stats["faces"]
                 summary.faces_found -= stats["faces_found"]
                 summary.statuses.subtract(stats["statuses"])
-                _fail(p, f"commit failed: {one_line(e)}", summary, on_unit)
+                _fail(p, f"commit failed: {r.error}", summary, on_unit)
                 continue
             if summary.first_commit_seconds is None:
-                summary.first_commit_seconds = time.perf_counter() - t0
+                summary.first_commit_seconds = r.at - t0
             if on_unit is not None:
                 on_unit(UnitOutcome(p.unit.name, True, stats=stats))
         summary.statuses = +summary.statuses  # drop zero counts
 
     try:
         graph = build_dataset(todo, cfg, model_info, config_hash)
+        summary.pools = graph.pools.to_dict()
         for part in stream_summaries(graph):
-            if summary.first_commit_seconds is None and commits and is_ready(commits[0][2]):
-                summary.first_commit_seconds = time.perf_counter() - t0
+            settle(committer.results())
             p = progress[part[S.UNIT]]
             if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
                 continue
@@ -346,11 +373,11 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                 on_part(part, summary)
             if chain is None:
                 continue
-            stats = _stats(p, chain, config_hash)
+            stats = _stats(p, chain, config_hash, busy=graph.poll_busy())
             lease.check()  # never commit once another run may own DST
             log.debug("%s: all %d samples staged, committing", p.unit.name, p.expected)
-            ref = remote_call(shards.commit, p.unit, cfg.dst, config_hash, p.expected, stats, options=options)
-            commits.append((p, stats, ref))
+            assert p.expected is not None  # a cover needs the unit's end
+            committer.put(shards.CommitJob(p.unit, p.expected, stats))
             bar.update(units=1)
             summary.units_done += 1
             summary.samples += stats["samples"]
@@ -364,16 +391,17 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     except BaseException as e:
         # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
         bar.close()
-        if isinstance(e, KeyboardInterrupt) and not all(is_ready(ref) for _, _, ref in commits):
+        if isinstance(e, KeyboardInterrupt) and committer.pending():
             log.warning("interrupted: finishing the commits under way (Ctrl-C again to stop at once; a rerun "
                         "redoes what is not committed)")
-        settle(commits)
+        settle(committer.close())
         for p in progress.values():
             if not p.committed and p.unit.name not in summary.failed:
                 _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary, on_unit)
         raise
     bar.close()
-    settle(commits)
+    summary.busy = graph.busy
+    settle(committer.close())
     for p in progress.values():
         if not p.committed and p.unit.name not in summary.failed:
             _fail(p, "not all samples arrived (a bug: please report it)", summary, on_unit)
@@ -402,6 +430,9 @@ MAX_NON_OK = 500
 def _collect_report_rows(summary: RunSummary, part: dict[str, Any]) -> None:
     """Keep what the report needs from a part summary, bounded: the driver's memory stays flat in rows."""
     summary.suspect += int(part.get("suspect") or 0)
+    summary.verdicts.update(dict(part.get("verdicts") or []))
+    summary.skipped += int(part.get("skipped") or 0)
+    summary.saved_s += float(part.get("saved_s") or 0.0)
     if part.get("sheet"):
         summary.sheet.extend(json.loads(part["sheet"]))
         if len(summary.sheet) > MAX_SHEET:
@@ -430,9 +461,17 @@ def write_run_report(cfg: PipelineConfig, summary: RunSummary) -> str:
                    "faces_restored": summary.faces,
                    "faces_per_second": round(summary.faces / summary.seconds, 4) if summary.seconds else 0.0,
                    "suspect_faces": summary.suspect},
+        "degradation": {"verdicts": dict(_in_verdict_order(summary.verdicts)), "skipped": summary.skipped,
+                        "saved_seconds": round(summary.saved_s, 3), "adaptive": cfg.adaptive,
+                        "skip_clean": cfg.skips_clean,
+                        "thresholds": {"clean_max_factor": cfg.clean_max_factor, "mild_max_factor": cfg.mild_max_factor,
+                                       "moderate_max_factor": cfg.moderate_max_factor}},
         "units": {"done": summary.units_done, "skipped": summary.units_skipped,
                   "failed": [{"unit": u, "reason": r} for u, r in summary.failed.items()]},
         "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items() if v},
+        "busy": summary.busy,
+        "pools": summary.pools,
+        "simulated": summary.simulated,
         "quality_thresholds": dataclasses.asdict(cfg.quality_thresholds()),
         "faces": summary.sheet,
         "non_ok": summary.non_ok,
@@ -470,11 +509,14 @@ def _fail(p: UnitProgress, reason: str, summary: RunSummary, on_unit: Callable[[
         on_unit(UnitOutcome(p.unit.name, False, error=reason))
 
 
-def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> dict[str, Any]:
+def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str,
+           busy: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
+    verdicts: Counter[str] = Counter()
     seconds: Counter[str] = Counter({"read": p.read_seconds})
     for part in chain:
         statuses.update(dict(part["statuses"]))
+        verdicts.update(dict(part.get("verdicts") or []))
         seconds.update({k: v for k, v in (part["seconds"] or {}).items() if v})
     return {
         "shard": p.unit.name,
@@ -484,6 +526,9 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> di
         "faces": sum(int(part["faces"]) for part in chain),
         "faces_found": sum(int(part["faces_found"]) for part in chain),
         "written": sum(int(part.get("written") or 0) for part in chain),
+        "verdicts": dict(_in_verdict_order(verdicts)),  # faces pasted back, per degradation verdict
+        "skipped": sum(int(part.get("skipped") or 0) for part in chain),  # of them, pasted back unrestored
+        "saved_s": round(sum(float(part.get("saved_s") or 0.0) for part in chain), 3),  # restorer time that saved
         "read_error": p.read_error,
         "input": p.unit.input,
         "images": list(p.unit.images) if p.unit.kind is UnitKind.IMAGES else None,
@@ -491,6 +536,9 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str) -> di
         "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+        # the run's stage actors up to this commit (pipeline.build.busy_table): how much of their wall time they
+        # spent working; the restorers' share is what a GPU node is paid for
+        "busy": busy or {},
     }
 
 

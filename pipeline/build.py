@@ -6,7 +6,8 @@ other module sets Ray resources.
 
 The graph, for a list of units (shards or image chunks), every arrow a block of rows (an Arrow table):
 
-    from_items(units) -> map_batches(read_units_batch, CPU tasks)  a unit each; blocks of <= rows_per_block rows
+    from_items(groups) -> map_batches(read_units_batch, CPU tasks)  a unit, or a group of small ones, each
+      -> repartition(rows_per_block)               blocks of <= rows_per_block rows (see _build)
       -> map_batches(DetectStage,  actor pool)      decode, detect, align; re-blocks to <= faces_block faces
       -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, all faces of a block in one call
       -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
@@ -27,12 +28,14 @@ turn them into row statuses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -40,9 +43,10 @@ import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import schema as S
+from pipeline.capacity import ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
-from pipeline.units import Unit
+from pipeline.units import Unit, read_groups
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +61,52 @@ def init_ray(cfg: PipelineConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # S3 settings reach workers through the standard chain: a local Ray's workers inherit this process's
     # environment (AWS_ENDPOINT_URL, credentials); cluster nodes use their own (instance roles, env, files).
-    # Ray's own progress bars and worker logs stay in Ray's log files unless asked for: the driver prints one
-    # progress line of its own (pipeline/progress.py), and workers' row-level warnings are not the job's output.
+    # Ray's own lines stay in Ray's log files unless asked for (--ray-logs): the driver prints one progress line of
+    # its own (pipeline/progress.py), its warnings and a failed run's one-line error; workers' row-level warnings and
+    # Ray's bars are not the job's output. Ray's log levels do not reach all of its lines (Ray 2.60), so they go to
+    # one file (pipeline/console.py), moved into this Ray session's log folder once it exists: what the driver's core
+    # worker writes to descriptor 2 (C++ log lines, the constructor-argument line of ray-project/ray#53727), Ray's
+    # Python loggers (the token-auth notice of ray.init, Ray Data's traceback of a failed run), and the raylet's
+    # messages (a worker died, a task is retried) that worker.listen_error_messages prints to stdout regardless of
+    # log_to_driver. Token auth itself is left as Ray sets it up.
+    diverted = None
     if not cfg.ray_logs:
-        logging.getLogger("ray").setLevel(logging.ERROR)
-        # Ray Data logs a failed run's traceback before raising it to the driver, which says it in one line
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the driver's core worker writes to stderr
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=cfg.ray_logs, logging_level=logging.INFO if cfg.ray_logs
-                 else logging.WARNING)
-    else:
-        log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
-        # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
-        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, log_to_driver=cfg.ray_logs,
-                 logging_level=logging.INFO if cfg.ray_logs else logging.WARNING)
+        from ray._private import worker as ray_worker
+
+        from pipeline import console
+
+        diverted = console.divert_stderr()
+        console.log_to(diverted.stream, "ray", "ray.data")
+        stream = diverted.stream
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix: ray_worker.print_worker_logs(
+            data, stream, ignore_prefix)
+    # a start that hangs (no Ray at that address: Ray retries for minutes) says where Ray's own messages are
+    hint = None
+    if diverted is not None:
+        import threading
+
+        path = diverted.path
+        hint = threading.Timer(60.0, lambda: log.warning(
+            "Ray has not %s after 60 s; its own messages are in %s (--ray-logs prints them here)",
+            f"connected to {address}" if address else "started", path))
+        hint.daemon = True
+        hint.start()
+    try:
+        if address:
+            log.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
+        else:
+            log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
+            # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
+            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory,
+                     include_dashboard=False, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
+    finally:
+        if hint is not None:
+            hint.cancel()
+    if diverted is not None:
+        node = ray_worker._global_node  # None for a Ray Client driver: the file stays in the temp folder
+        where = console.move_diverted(node.get_logs_dir_path()) if node is not None else diverted.path
+        log.debug("Ray's own console output goes to %s (--ray-logs prints it here)", where)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray_logs
     ctx.execution_options.preserve_order = False
@@ -85,24 +118,77 @@ class StageDiedError(RuntimeError):
 
 @ray.remote(num_cpus=0)
 class FlightLog:
-    """Which blocks the stage actors started and finished, so that a run whose actor keeps dying can name the block
-    it died on: actors run one block at a time, so a block started and never finished was on a dead actor, and the
-    one started most often is the one that kills it."""
+    """Which blocks the stage actors started and finished, and how busy each actor was.
+
+    A run whose actor keeps dying can name the block it died on: actors run one block at a time, so a block started
+    and never finished was on a dead actor, and the one started most often is the one that kills it.
+
+    Busy fraction: each actor says when it is ready (its model loaded) and, per block, the seconds it spent working
+    on it; its wall time runs from ready to the end of the run, so what is not busy is time spent waiting for input
+    (faces, for a restorer). Times are taken on this actor's clock (one clock for every node).
+    """
 
     def __init__(self) -> None:
         self.started: Counter[tuple[str, str]] = Counter()
         self.finished: set[tuple[str, str]] = set()
+        self.ready_at: dict[tuple[str, str], float] = {}  # (stage, actor id) -> when it was first ready
+        self.busy_s: dict[tuple[str, str], float] = {}
+        self.working: dict[tuple[str, str], list[float]] = {}  # (stage, actor) -> [first start, last finish]
+        self.ended_at: float | None = None
 
-    def start(self, stage: str, block: str) -> None:
+    def ready(self, stage: str, actor: str) -> None:
+        self.ready_at.setdefault((stage, actor), time.time())
+
+    def start(self, stage: str, block: str, actor: str = "") -> None:
         self.started[(stage, block)] += 1
+        now = time.time()
+        self.working.setdefault((stage, actor), [now, now])
 
-    def finish(self, stage: str, block: str) -> None:
+    def finish(self, stage: str, block: str, actor: str = "", busy_s: float = 0.0) -> None:
         self.finished.add((stage, block))
+        self.busy_s[(stage, actor)] = self.busy_s.get((stage, actor), 0.0) + busy_s
+        if (stage, actor) in self.working:
+            self.working[(stage, actor)][1] = time.time()
+
+    def end(self) -> None:
+        """The run's stream ended: actors' wall time stops here."""
+        if self.ended_at is None:
+            self.ended_at = time.time()
+
+    def busy(self) -> dict[str, dict[str, Any]]:
+        """Per stage: actors seen, their busy and wall seconds summed, and busy / wall."""
+        now = self.ended_at if self.ended_at is not None else time.time()
+        return busy_table(self.ready_at, self.busy_s, now, self.working)
 
     def unfinished(self) -> list[tuple[str, str, int]]:
         """(stage, block, times started) of the blocks never finished, most started first."""
         left = [(s, b, n) for (s, b), n in self.started.items() if (s, b) not in self.finished]
         return sorted(left, key=lambda x: -x[2])
+
+
+def busy_table(ready_at: dict[tuple[str, str], float], busy_s: dict[tuple[str, str], float], now: float,
+               working: dict[tuple[str, str], list[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """The ``busy`` object of markers, summary and report, per stage (summed over the stage's actors):
+
+    * ``actors``; ``busy_s``: seconds working on blocks; ``wall_s``: seconds alive, from each actor's ready time (its
+      model loaded) to ``now`` (the run's end); ``fraction`` = busy_s / wall_s: the operator's first number;
+    * ``steady_s``/``steady_fraction``: the same from each actor's first block to its last, leaving out the pipeline
+      filling at the start and draining at the end (what a long run tends to).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for (stage, actor), t in sorted(ready_at.items()):
+        row = out.setdefault(stage, {"actors": 0, "busy_s": 0.0, "wall_s": 0.0, "steady_s": 0.0})
+        row["actors"] += 1
+        row["busy_s"] += busy_s.get((stage, actor), 0.0)
+        row["wall_s"] += max(0.0, now - t)
+        first, last = (working or {}).get((stage, actor), (0.0, 0.0))
+        row["steady_s"] += max(0.0, last - first)
+    for row in out.values():
+        row["fraction"] = round(min(1.0, row["busy_s"] / row["wall_s"]), 4) if row["wall_s"] > 0 else 0.0
+        row["steady_fraction"] = round(min(1.0, row["busy_s"] / row["steady_s"]), 4) if row["steady_s"] > 0 else 0.0
+        for k in ("busy_s", "wall_s", "steady_s"):
+            row[k] = round(row[k], 3)
+    return out
 
 
 def block_label(table: Any) -> str:
@@ -115,41 +201,66 @@ def block_label(table: Any) -> str:
     return ", ".join(f"{u} rows {a}-{b}" for u, (a, b) in spans.items()) or "an end-of-unit block"
 
 
+def _actor_id() -> str:
+    return str(ray.get_runtime_context().get_actor_id())
+
+
 class DetectActor(DetectStage):
-    """:class:`DetectStage` that reports each block to the run's :class:`FlightLog`."""
+    """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
-        self.flight = flight
+        self.flight, self.actor = flight, _actor_id()
+        flight.ready.remote("detect", self.actor)
 
     def __call__(self, batch: Any) -> Iterator[Any]:
         label = block_label(batch)
-        ray.get(self.flight.start.remote("detect", label))  # before the work: it may kill this process
-        yield from super().__call__(batch)
-        self.flight.finish.remote("detect", label)
+        ray.get(self.flight.start.remote("detect", label, self.actor))  # before the work: it may kill this process
+        busy, t = 0.0, time.perf_counter()
+        for out in super().__call__(batch):  # busy: the work between yields, not Ray's handling of each output
+            busy += time.perf_counter() - t
+            yield out
+            t = time.perf_counter()
+        busy += time.perf_counter() - t
+        self.flight.finish.remote("detect", label, self.actor, busy)
 
 
 class RestoreActor(RestoreStage):
-    """:class:`RestoreStage` that reports each block to the run's :class:`FlightLog`."""
+    """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
-        self.flight = flight
+        self.flight, self.actor = flight, _actor_id()
+        flight.ready.remote("restore", self.actor)
 
     def __call__(self, batch: Any) -> Any:
         label = block_label(batch)
-        ray.get(self.flight.start.remote("restore", label))
+        ray.get(self.flight.start.remote("restore", label, self.actor))
+        t = time.perf_counter()
         out = super().__call__(batch)
-        self.flight.finish.remote("restore", label)
+        self.flight.finish.remote("restore", label, self.actor, time.perf_counter() - t)
         return out
 
 
 @dataclass
 class Graph:
-    """A built run: the dataset to iterate and the flight log of its stage actors."""
+    """A built run: the dataset to iterate, the flight log of its stage actors, and its pools."""
 
     ds: ray.data.Dataset
     flight: Any
+    pools: Pools
+    busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest busy snapshot (FlightLog.busy)
+    _asked: Any = None
+
+    def poll_busy(self) -> dict[str, dict[str, Any]]:
+        """The latest busy snapshot, without waiting: the flight log is asked again once its last answer is in."""
+        if self._asked is not None and is_ready(self._asked):
+            with contextlib.suppress(Exception):  # the log is gone (the run is ending): keep the last snapshot
+                self.busy = ray.get(self._asked)
+            self._asked = None
+        if self._asked is None:
+            self._asked = self.flight.busy.remote()
+        return self.busy
 
 
 def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any],
@@ -163,42 +274,50 @@ def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[s
     # which 2.60 marks deprecated (to be replaced before 2.64). Revisit here when the pin moves.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        return Graph(_build(units, cfg, model_info, config_hash, flight), flight)
+        pools = cluster_pools(cfg)
+        return Graph(_build(units, cfg, model_info, config_hash, flight, pools), flight, pools)
 
 
 def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
-           flight: Any) -> ray.data.Dataset:
+           flight: Any, pools: Pools) -> ray.data.Dataset:
     kinds = {u.kind for u in units}
     if len(kinds) != 1:
         raise ValueError(f"one job runs units of one kind, got {sorted(k.value for k in kinds)}")
-    ds: ray.data.Dataset = ray.data.from_items([u.to_item() for u in units], override_num_blocks=max(1, len(units)))
+    # Small units share a read task (and blocks): per-task and per-block costs are paid per group, not per unit. A
+    # group holds at most an eighth of a block's bytes, so that its rows come soon and groups are read in parallel.
+    groups = read_groups(units, max_rows=cfg.rows_per_block, max_bytes=cfg.block_mb * 2**20 // 8)
+    ds: ray.data.Dataset = ray.data.from_items([{"units": [u.to_item() for u in g]} for g in groups],
+                                               override_num_blocks=max(1, len(groups)))
     ds = ds.map_batches(
         read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
         fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
+    # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size (128 MiB): a read
+    # task's output (a group, or one shard of thousands of rows) would travel as ONE block. Cut back to rows_per_block.
+    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
     # a call waits out its actor's restarts (see the module docstring); max_restarts bounds them
     actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": -1}
+    log.info("pools: %s", pools.describe())
     ds = ds.map_batches(
         DetectActor,
         fn_constructor_kwargs={"cfg": cfg, "flight": flight},
-        batch_size=None,
+        # Ray insists on a row count when GPUs are requested: blocks hold at most rows_per_block rows, so this only
+        # lets Ray merge small blocks into one call
+        batch_size=cfg.rows_per_block if pools.detect.gpus else None,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.detect_actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_detector or None,
+        compute=_actor_pool(pools.detect),
+        num_cpus=pools.detect.cpus,
+        num_gpus=pools.detect.gpus or None,
         **actor_args,
     )
-    actors, gpus = restore_pool(cfg, float(ray.cluster_resources().get("GPU", 0.0)))
-    log.info("restorer pool: %d actor(s), %s GPU each", actors, gpus or 0)
     ds = ds.map_batches(
         RestoreActor,
         fn_constructor_kwargs={"cfg": cfg, "flight": flight},
-        # Ray insists on a row count when GPUs are requested: blocks hold at most rows_per_block rows, so this only
-        # lets Ray merge small blocks of face rows into one call (the restorer batches faces itself).
-        batch_size=cfg.rows_per_block if gpus else None,
+        # as for the detectors; the restorer batches faces itself
+        batch_size=cfg.rows_per_block if pools.restore.gpus else None,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=max(1, cfg.restore_prefetch)),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=gpus or None,
+        compute=_actor_pool(pools.restore, in_flight=max(1, cfg.restore_prefetch)),
+        num_cpus=pools.restore.cpus,
+        num_gpus=pools.restore.gpus or None,
         **actor_args,
     )
     ds = ds.map_batches(
@@ -212,15 +331,18 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
     return ds
 
 
-def restore_pool(cfg: PipelineConfig, cluster_gpus: float) -> tuple[int, float]:
-    """(actors, GPUs per actor) of the restorer pool: what the config says, else one actor per whole GPU the
-    cluster has (fractional ``gpus_per_restorer`` packs several per GPU), else one CPU actor."""
-    gpus = cfg.gpus_per_restorer if cfg.gpus_per_restorer is not None else (1.0 if cluster_gpus >= 1 else 0.0)
-    if cfg.restore_actors is not None:
-        return cfg.restore_actors, gpus
-    if gpus > 0 and cluster_gpus > 0:
-        return max(1, int(cluster_gpus // gpus)), gpus
-    return 1, gpus
+def cluster_pools(cfg: PipelineConfig) -> Pools:
+    """The pools of a run on the Ray cluster this process is connected to (the rule: :func:`plan_pools`)."""
+    res = ray.cluster_resources()
+    return plan_pools(cfg, ClusterShape(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0))))
+
+
+def _actor_pool(pool: StagePool, *, in_flight: int | None = None) -> ray.data.ActorPoolStrategy:
+    """A fixed pool, or one that Ray Data scales between min and max actors as input queues up."""
+    if pool.fixed:
+        return ray.data.ActorPoolStrategy(size=pool.min_actors, max_tasks_in_flight_per_actor=in_flight)
+    return ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
+                                      max_tasks_in_flight_per_actor=in_flight)
 
 
 def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
@@ -232,6 +354,7 @@ def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             table: Any = batch  # a pyarrow.Table for batch_format="pyarrow"
             yield from table.to_pylist()
+        _final_busy(graph)
     except BaseException as e:
         shutdown(ds)
         _kill(_stage_actors() - before)  # the pools of THIS run: made after it started, by this driver
@@ -242,6 +365,15 @@ def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
     finally:
         shutdown(ds)
         ray.kill(graph.flight)
+
+
+def _final_busy(graph: Graph) -> None:
+    """Stop the actors' wall clocks at the end of the stream and keep the run's busy figures."""
+    try:
+        graph.flight.end.remote()
+        graph.busy = ray.get(graph.flight.busy.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 - the figures are a help; the run's outputs stand without them
+        log.warning("could not read the stage actors' busy time: %s", e)
 
 
 def _died_on(flight: Any, e: BaseException) -> str | None:
@@ -301,9 +433,16 @@ def shutdown(ds: ray.data.Dataset) -> None:
         ds._current_executor = None
 
 
+_REMOTE: dict[Any, Any] = {}
+
+
 def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-    """Run ``fn`` as a small Ray task (shard commits), next to the data rather than on the driver."""
-    return ray.remote(num_cpus=0.25, max_retries=MAX_RETRIES)(fn).remote(*args, **kwargs)
+    """Run ``fn`` as a small Ray task (shard commits), next to the data rather than on the driver. The remote
+    function is made once per ``fn``: making it anew per call costs the driver milliseconds (pickling, export)."""
+    remote = _REMOTE.get(fn)
+    if remote is None:
+        remote = _REMOTE[fn] = ray.remote(num_cpus=0.25, max_retries=MAX_RETRIES)(fn)
+    return remote.remote(*args, **kwargs)
 
 
 def is_ready(ref: ray.ObjectRef) -> bool:

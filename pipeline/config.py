@@ -25,6 +25,7 @@ from pipeline.schema import FINAL_STATUSES, FaceSelect
 from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:
+    from pipeline.degradation import DegradationThresholds
     from pipeline.quality import QualityThresholds
 
 
@@ -38,6 +39,9 @@ class RestorerKind(StrEnum):
     DR2 = "dr2"  # DR2 + enhancer, needs --ddpm (and --enhancer, or "none")
     PASSTHROUGH = "passthrough"  # faces returned unchanged: check detection/alignment before spending GPU time
     TINY = "tiny"  # tiny random DR2 models: tests, benchmarks and the demo; output is NOT a restoration
+    # a capacity tool: holds the GPU Ray gives it and takes 1/simulate_faces_per_s per face, faces unchanged;
+    # NOT a restoration (every output, the summary and the report say so)
+    SIMULATE = "simulate"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
@@ -55,10 +59,23 @@ class PipelineConfig:
     restorer: RestorerKind = _f(RestorerKind.DR2, "face restorer")
     ddpm: str = _f("", "DR2 DDPM model dir or s3:// URI (made by `dr2 weights import`)")
     enhancer: str = _f("", "SPARNetHD model dir or s3:// URI, or 'none' for bicubic")
+    simulate_faces_per_s: float = _f(
+        34.0, "simulate restorer: faces per second per actor, the GPU you are sizing for (34: full-size DR2 on an "
+        "H100/H200 target); it sleeps that long per face and passes faces through unchanged")
     N: int = _f(8, "DR2 low-pass factor N (1, 2, 4, 8, 16): larger removes heavier degradation, keeps less identity")
     tau: int = _f(35, "DR2 output step tau (0..99): larger smooths more")
     omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau (see "
                            "resolved_omega)")
+    # --- per-face strength (pipeline/degradation.py): --preset auto sets adaptive ---
+    adaptive: bool = _f(False, "per-face DR2 setting from each face's degradation verdict (--preset auto): mild -> "
+                               "N=4/tau=22, moderate -> N=8/tau=35, severe -> N=16/tau=35, omega by the official rule; "
+                               "--N/--tau/--omega are then not used")
+    skip_clean: bool | None = _f(None, "paste faces whose verdict is clean back unchanged instead of restoring them "
+                                       "(dr2.json says restored: false and why); none: on with --adaptive, else off")
+    clean_max_factor: float = _f(2.5, "degradation score (an equivalent low-pass factor at the 512 crop) up to which "
+                                      "a face is clean (pipeline/degradation.py DegradationThresholds)")
+    mild_max_factor: float = _f(8.0, "degradation score up to which a face is mild (above: moderate)")
+    moderate_max_factor: float = _f(16.0, "degradation score up to which a face is moderate (above: severe)")
     seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
     precision: str = _f("fp32", "fp32, or bf16/fp16 autocast of the UNet and SPARNetHD (filters, schedule and norms "
                                 "stay fp32); bf16 is the GPU setting", choices=("fp32", "bf16", "fp16"))
@@ -91,11 +108,16 @@ class PipelineConfig:
     address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray on this machine)")
     device: str = _f("auto", "restorer device: auto (cuda if Ray gives the actor a GPU), cpu, cuda")
     restore_actors: int | None = _f(None, "restorer actors; none: one per GPU of the cluster (one on a CPU-only one)")
-    detect_actors: int = _f(1, "detector actors")
+    detect_actors: int | None = _f(
+        None, "detector actors; none: sized to the cluster (pipeline/capacity.py: an autoscaling pool, up to two per "
+        "GPU when the restorers have GPUs, else up to half the CPUs the restorers leave)")
     gpus_per_restorer: float | None = _f(
-        None, "GPUs per restorer actor; none: 1 when the cluster has GPUs, else 0 (a fraction shares a GPU)")
+        None, "GPUs per restorer actor; none: 0.8 when the cluster has GPUs and detection runs there (the rest "
+        "holds two detectors), 1 when --gpus-per-detector 0, else 0 (a fraction shares a GPU)")
     restore_prefetch: int = _f(2, "blocks queued per restorer actor, so the next faces are ready when a batch ends")
-    gpus_per_detector: float = _f(0.0, "GPUs per detector actor (e.g. 0.1 to share a GPU)")
+    gpus_per_detector: float | None = _f(
+        None, "GPUs per detector actor; none: 0.1 when the cluster has GPUs (MTCNN runs on the restorers' GPUs), "
+        "else 0; 0 keeps detection on CPUs")
     cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional, so reads and writes keep running)")
     detect_batch_size: int = _f(8, "images per detector forward pass")
     rows_per_block: int = _f(
@@ -151,6 +173,11 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"--skip-status: unknown status(es) {sorted(unknown)}; choose from "
                              f"{', '.join(s.value for s in FINAL_STATUSES)}")
+        if not 1.0 <= self.clean_max_factor <= self.mild_max_factor <= self.moderate_max_factor:
+            raise ValueError("need 1 <= --clean-max-factor <= --mild-max-factor <= --moderate-max-factor, got "
+                             f"{self.clean_max_factor}, {self.mild_max_factor}, {self.moderate_max_factor}")
+        if self.simulate_faces_per_s <= 0:
+            raise ValueError(f"--simulate-faces-per-s must be > 0, got {self.simulate_faces_per_s}")
         if self.restore_batch_size < 1 or self.detect_batch_size < 1 or self.rows_per_block < 1 or self.block_mb < 1:
             raise ValueError("batch and block sizes must be >= 1")
 
@@ -167,6 +194,29 @@ class PipelineConfig:
         from dr2.diffusion import default_omega  # torch: imported only where a rule must be evaluated
 
         return default_omega(self.N, self.tau)
+
+    @property
+    def skips_clean(self) -> bool:
+        """Whether faces judged clean are pasted back unrestored: ``skip_clean``, else on exactly with ``adaptive``."""
+        return self.adaptive if self.skip_clean is None else self.skip_clean
+
+    def degradation_thresholds(self) -> DegradationThresholds:
+        """The verdict's cuts (:class:`pipeline.degradation.DegradationThresholds`) from the ``*_max_factor`` fields."""
+        from pipeline.degradation import DegradationThresholds  # OpenCV: imported where the estimate is needed
+
+        return DegradationThresholds(clean_max_factor=self.clean_max_factor, mild_max_factor=self.mild_max_factor,
+                                     moderate_max_factor=self.moderate_max_factor)
+
+    def face_setting(self, verdict: str | None) -> tuple[int, int, int]:
+        """(N, tau, omega) for a face of ``verdict``: with ``adaptive`` the official preset of its verdict (clean and
+        mild: mild; ``ADAPTIVE_SETTINGS``) with omega by the official rule; else the run's own N, tau and
+        :attr:`resolved_omega`. The one place a face's setting is resolved."""
+        if not self.adaptive or verdict is None:
+            return self.N, self.tau, self.resolved_omega
+        n, tau = ADAPTIVE_SETTINGS[verdict]
+        from dr2.diffusion import default_omega
+
+        return n, tau, default_omega(n, tau)
 
     def quality_thresholds(self) -> QualityThresholds:
         from pipeline.quality import QualityThresholds
@@ -201,14 +251,25 @@ class PipelineConfig:
 
     def output_hash(self, model_info: dict[str, Any]) -> str:
         """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
+        from pipeline.degradation import ESTIMATOR_VERSION  # the verdicts (and so N/tau, skips) depend on it
+
         relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
-        return config_hash({"config": relevant, "models": model_info})
+        return config_hash({"config": relevant, "models": model_info, "estimator": ESTIMATOR_VERSION})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
         check_known_keys(cls, d)
         names = {f.name: f for f in dataclasses.fields(cls)}
         return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
+
+
+ADAPTIVE_SETTINGS: dict[str, tuple[int, int]] = {
+    "clean": (4, 22),  # reached only without skip_clean: the mildest official setting
+    "mild": (4, 22),
+    "moderate": (8, 35),
+    "severe": (16, 35),
+}
+"""(N, tau) per degradation verdict under ``adaptive``: the official demo's three settings (jobs/presets/*.json)."""
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -38,13 +38,19 @@ in the JSON and ignored by the page::
         "done": 10, "skipped": 2,                    # skipped: already committed by an earlier run (resume)
         "failed": [{"unit": "shard-007.tar", "reason": "..."}]
       },
+      "degradation": {                               # pipeline.degradation: the estimate on every face pasted back
+        "verdicts": {"clean": 300, "mild": 900, "moderate": 180, "severe": 18},
+        "skipped": 300, "saved_seconds": 88.2,       # clean faces pasted back unrestored (--skip-clean), time saved
+        "adaptive": true, "skip_clean": true, "thresholds": {"clean_max_factor": 2.5, ...}
+      },
       "stage_seconds": {"decode": 12.1, "detect": 80.4, "align": 3.2, "restore": 1500.9, "compose": 20.0, ...},
       "quality_thresholds": {"min_lowfreq_psnr": 20.0, ...},   # pipeline.quality.QualityThresholds, as used
       "faces": [                                     # the contact sheet: a sample, worst first
         {"shard": "shard-000.tar", "key": "img_0001", "face_index": 0,
          "images": {"input": "faces/....jpg", "dr2": "...", "enhanced": "...", "pasted": "..."},  # relative
          "quality": {"lowfreq_psnr": 31.2, "delta_e": 2.1, "sharpness_gain": 7.4, "N": 8},
-         "flags": ["colour_shift"], "severity": 0.4}
+         "flags": ["colour_shift"], "severity": 0.4,
+         "degradation": {"verdict": "mild", "score": 4.1}, "restored": true}  # restored: false = pasted back as is
       ],
       "faces_total": 40,                             # entries before the bound (faces holds at most MAX_FACES)
       "non_ok": [{"shard": "shard-000.tar", "key": "bad", "status": "decode_error", "error": "..."}],
@@ -333,6 +339,31 @@ def _stages(stage_seconds: Mapping[str, Any]) -> str:
             '<p class="muted">summed over workers: stages overlap in time, so the sum can exceed the wall time</p>')
 
 
+def _busy(busy: Mapping[str, Any], pools: Mapping[str, Any]) -> str:
+    """The stage-utilisation table: per actor stage, how much of its actors' wall time went to work."""
+    rows = []
+    for stage in ("restore", "detect"):
+        b = busy.get(stage)
+        if not isinstance(b, Mapping):
+            continue
+        frac = float(b.get("fraction", 0.0) or 0.0)
+        pool = pools.get(stage) if isinstance(pools.get(stage), Mapping) else {}
+        where = f'{pool.get("gpus")} GPU' if pool and pool.get("gpus") else (f'{pool.get("cpus")} CPU' if pool else "")
+        rows.append(
+            f'<tr><td>{_e(stage)}</td><td class="r">{_num(b.get("actors"), 0)}</td><td>{_e(where)}</td>'
+            f'<td class="r" data-busy="{_e(stage)}">{100 * frac:.0f}%</td>'
+            f'<td class="r">{_num(b.get("busy_s"))} s</td><td class="r">{_num(b.get("wall_s"))} s</td>'
+            f'<td class="barcell"><div class="bar" style="width:{100 * frac:.1f}%"></div></td></tr>')
+    if not rows:
+        return '<p class="muted">no actor busy figures recorded</p>'
+    head = ('<tr><th>stage</th><th class="r">actors</th><th>each</th><th class="r">busy</th><th class="r">working</th>'
+            '<th class="r">actor wall</th><th></th></tr>')
+    return (f'<div class="scroll"><table class="stages">{head}{"".join(rows)}</table></div>'
+            '<p class="muted">busy = time working / time alive (from model loaded to the end of the run), summed over '
+            'the stage\'s actors; the rest is waiting for input. A restorer far below 100% means the CPU side '
+            '(reading, decoding, detection, writing) does not keep the GPUs fed: see <code>dr2 estimate</code>.</p>')
+
+
 def _units(units: Mapping[str, Any]) -> str:
     failed = list(units.get("failed", []) or [])
     head = (f'<div class="cards"><div class="card"><span class="n" data-count="units.done">{_num(units.get("done", 0))}'
@@ -364,6 +395,28 @@ def _config(run: Mapping[str, Any]) -> str:
             f"<details><summary>resolved config</summary><pre>{_e(cfg)}</pre></details>")
 
 
+def _degradation(deg: Mapping[str, Any]) -> str:
+    """The degradation section: faces per verdict (a bar each), faces skipped as clean and the time that saved."""
+    verdicts = {str(k): int(v) for k, v in (deg.get("verdicts", {}) or {}).items() if isinstance(v, int)}
+    if not verdicts:
+        return '<p class="muted">no degradation estimates recorded</p>'
+    total = sum(verdicts.values()) or 1
+    top = max(verdicts.values()) or 1
+    rows = "".join(
+        f'<tr><td>{_e(v)}</td><td class="r" data-verdict="{_e(v)}">{n:,}</td><td class="r">{100 * n / total:.0f}%'
+        f'</td><td class="barcell"><div class="bar" style="width:{100 * n / top:.1f}%"></div></td></tr>'
+        for v, n in verdicts.items())
+    head = '<tr><th>verdict</th><th class="r">faces</th><th class="r">share</th><th></th></tr>'
+    mode = ("per-face N/tau from the verdict (--preset auto)" if deg.get("adaptive") else "one N/tau for all faces")
+    skip = (f'<span data-count="skipped">{_num(deg.get("skipped", 0), 0)}</span> clean faces pasted back unrestored, '
+            f'~<span data-count="saved_seconds">{_num(deg.get("saved_seconds", 0.0))}</span> s of restorer time saved'
+            if deg.get("skip_clean") else "clean faces restored too (no --skip-clean)")
+    thr = deg.get("thresholds")
+    thr_text = f' · thresholds <code>{_e(json.dumps(thr, sort_keys=True))}</code>' if thr else ""
+    return (f'<div class="scroll"><table class="stages">{head}{rows}</table></div>'
+            f'<p class="muted">{_e(mode)} · {skip}{thr_text}</p>')
+
+
 def _face(face: Mapping[str, Any]) -> str:
     shard, key, idx = str(face.get("shard", "")), str(face.get("key", "")), face.get("face_index", 0)
     flags = [str(f) for f in face.get("flags", []) or []]
@@ -380,6 +433,11 @@ def _face(face: Mapping[str, Any]) -> str:
                               ("sharpness_gain", "sharpness ×", "")):
         if isinstance(q.get(name), int | float):
             qtext.append(f"{_e(label)} {q[name]:.2f}{unit}")
+    deg = face.get("degradation")
+    if isinstance(deg, Mapping):  # the face's degradation verdict, and whether it went to the restorer at all
+        unrestored = " · not restored" if face.get("restored") is False else ""
+        qtext.insert(0, f'<span data-verdict="{_e(deg.get("verdict", ""))}">{_e(deg.get("verdict", ""))} '
+                        f'({_num(deg.get("score"), 1)}){_e(unrestored)}</span>')
     badges = "".join(f'<span class="flag">{_e(f)}</span>' for f in flags)
     where = (f'<a href="../../{_e(_url(shard))}" title="output shard">{_e(shard)}</a> · '
              f"<code>{_e(key)}</code> · face {_e(idx)}")
@@ -414,6 +472,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     thr = (f'<p class="muted">flag thresholds: <code>{_e(json.dumps(thresholds, sort_keys=True))}</code></p>'
            if thresholds else "")
     title = f"DR2 run report: {_e(run.get('started', ''))}"
+    simulated = (f'<p class="card bad" data-simulated=""><strong>SIMULATED RESTORER</strong>: '
+                 f'{_e(rep["simulated"])}</p>' if rep.get("simulated") else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -425,10 +485,14 @@ def render_html(report: Mapping[str, Any]) -> str:
 wall time <span data-wall="">{_duration(run.get("wall_seconds"))}</span></p>
 <h2>Summary</h2>
 {_cards(counts)}
+{simulated}<h2>Stage utilisation</h2>
+{_busy(rep.get("busy", {}) or {}, rep.get("pools", {}) or {})}
 <h2>Time per stage</h2>
 {_stages(rep.get("stage_seconds", {}) or {})}
 <h2>Units</h2>
 {_units(rep.get("units", {}) or {})}
+<h2>Degradation</h2>
+{_degradation(rep.get("degradation", {}) or {})}
 <h2>Faces</h2>
 {shown}{thr}
 <div class="sheet">{sheet}</div>

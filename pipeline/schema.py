@@ -20,7 +20,9 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
 * ``member_names`` / ``member_data``: every member of the sample in input order; the image member's slot
   holds empty bytes (its bytes travel once, in ``image``; the writer puts the output back in that slot).
 * ``faces``: per detected and aligned face: ``box`` (x1, y1, x2, y2), ``score``, ``landmarks`` (5 x (x, y),
-  flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened).
+  flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened), ``degradation`` (the estimate on the aligned
+  crop, :mod:`pipeline.degradation`), the face's resolved ``N``/``tau``/``omega``, and ``restored``/``reason``
+  (false for a face that is pasted back unchanged, e.g. clean under ``--skip-clean``); all set by the detector.
 * ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration.
 * ``restored``: restored faces, same layout as ``crops``; dropped after paste-back.
 * ``dr2_thumbs``: per restored face, DR2's own output (before the enhancer) as a 160x160x3 uint8 thumbnail, for
@@ -64,12 +66,33 @@ END_INDEX = -1
 STAGES = ("read", "decode", "detect", "align", "restore", "compose", "write")
 """Stage names of ``timings``, in pipeline order."""
 
+DEGRADATION_TYPE = pa.struct(
+    [
+        ("score", pa.float64()),
+        ("verdict", pa.string()),
+        ("resolution", pa.float64()),
+        ("noise", pa.float64()),
+        ("blocking", pa.float64()),
+        ("block_period", pa.float64()),
+        ("version", pa.string()),
+    ]
+)
+"""A face's degradation estimate (:class:`pipeline.degradation.Degradation`, its fields as they are)."""
+
 FACE_TYPE = pa.struct(
     [
         ("box", pa.list_(pa.float64())),
         ("score", pa.float64()),
         ("landmarks", pa.list_(pa.float64())),
         ("affine", pa.list_(pa.float64())),
+        ("degradation", DEGRADATION_TYPE),
+        # the face's own DR2 setting (the run's, or its verdict's under --preset auto) and whether it goes to the
+        # restorer at all (false: a clean face under --skip-clean, pasted back unchanged; ``reason`` says why)
+        ("N", pa.int64()),
+        ("tau", pa.int64()),
+        ("omega", pa.int64()),
+        ("restored", pa.bool_()),
+        ("reason", pa.string()),
     ]
 )
 NOTE_TYPE = pa.struct([("name", pa.string()), ("reason", pa.string())])
@@ -131,6 +154,9 @@ SUMMARY_SCHEMA = pa.schema(
         ("seconds", TIMINGS_TYPE),
         (NOTES, pa.list_(NOTE_TYPE)),  # end rows: members of the unit not carried (unsafe keys, ...)
         ("suspect", pa.int64()),  # restored faces with a quality flag
+        ("verdicts", pa.map_(pa.string(), pa.int64())),  # faces pasted back, per degradation verdict
+        ("skipped", pa.int64()),  # faces pasted back unrestored (clean, under --skip-clean)
+        ("saved_s", pa.float64()),  # skipped x this part's restore seconds per restored face (0 if none restored)
         ("written", pa.int64()),  # samples of the part written to the output (all unless --skip-status)
         ("sheet", pa.string()),  # the report's contact-sheet entries of this part, JSON (report.face_entry)
         ("non_ok", pa.list_(pa.struct([("key", pa.string()), ("status", pa.string()), ("error", pa.string())]))),

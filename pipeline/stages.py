@@ -9,14 +9,15 @@ become that row's ``status``/``error`` through :func:`guarded`; an exception tha
 
 Stages, in order:
 
-1. :func:`read_unit` (CPU task): one unit -> blocks of at most ``rows_per_block`` rows and ``block_mb`` MiB, then
-   the unit's end row.
+1. :func:`read_units` (CPU task): a group of units (one, or several small ones: ``pipeline.units.read_groups``) ->
+   blocks of at most ``rows_per_block`` rows and ``block_mb`` MiB, each unit's rows followed by its end row.
 2. :func:`detect_block` (actor :class:`DetectStage`): decode, detect (``detect_batch_size`` images per forward),
    align -> ``faces``, ``crops`` and ``decoded``; yields blocks of at most ``faces_block`` faces, so that the
    restorer gets work early and a block's decoded pixels stay bounded.
 3. :func:`restore_block` (actor :class:`RestoreStage`): every crop of the block, across images, through the
-   restorer in ONE call (the restorer alone chunks and pads to its batch shape); if that call fails, the faces are
-   retried one by one so only the images whose faces fail get ``restore_error``.
+   restorer in ONE call per DR2 setting (one call unless ``--preset auto``; the restorer alone chunks and pads to its
+   batch shape), faces planned unrestored (clean under ``--skip-clean``) passed on as they are; if a call fails, its
+   faces are retried one by one so only the images whose faces fail get ``restore_error``.
 4. :func:`compose_block` + :func:`write_block` (CPU task): paste back and encode without decoding again, stage
    one part per block, return one summary row per part (:data:`pipeline.schema.SUMMARY_SCHEMA`).
 
@@ -26,6 +27,7 @@ to hand its classes to Ray and should not pay for what only workers run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ from pipeline.wds import MemberNote, Sample, ShardReadError, encode_tar_part, it
 if TYPE_CHECKING:
     from dr2.restorer import FaceRestorer
     from pipeline.decode import DecodedImage
+    from pipeline.degradation import Degradation
     from pipeline.mtcnn import MTCNN
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ class _BlockBuilder:
     """Accumulates read rows column by column; ``full`` once a block's row or byte budget is reached."""
 
     NAMES = (S.KEY, S.UNIT, S.INDEX, S.UNIT_SIZE, S.IMAGE_MEMBER, S.IMAGE, S.MEMBER_NAMES, S.MEMBER_DATA, S.STATUS,
-             S.ERROR, S.NOTES)
+             S.ERROR, S.NOTES, S.TIMINGS)
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.max_rows = cfg.rows_per_block
@@ -141,7 +144,7 @@ class _BlockBuilder:
 
     def add(self, *, key: str, unit: str, index: int, image_member: str | None, image: bytes | None,
             members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None,
-            notes: Sequence[MemberNote] = ()) -> None:
+            notes: Sequence[MemberNote] = (), timings: dict[str, float] | None = None) -> None:
         c = self.cols
         c[S.KEY].append(key)
         c[S.UNIT].append(unit)
@@ -154,6 +157,7 @@ class _BlockBuilder:
         c[S.STATUS].append(status)
         c[S.ERROR].append(error)
         c[S.NOTES].append([{"name": n.name, "reason": n.reason} for n in notes] or None)
+        c[S.TIMINGS].append(timings)
         self.bytes += sum(len(d) for _, d in members) + (len(image) if image else 0)
 
     def __len__(self) -> int:
@@ -178,7 +182,13 @@ def _sample_fields(sample: Sample) -> tuple[str | None, bytes | None, list[tuple
 
 
 def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
-    """Blocks of one unit's rows, in input order; the last block ends with the unit's end row.
+    """Blocks of one unit's rows, in input order; the last block ends with the unit's end row."""
+    return read_units([unit], cfg)
+
+
+def read_units(units: Sequence[Unit], cfg: PipelineConfig) -> Iterator[pa.Table]:
+    """Blocks of the units' rows, unit after unit, in input order, each unit's rows followed by its end row (which
+    carries the unit's sample count and read seconds); a block holds the rows of as many units as fit its budget.
 
     A unit that cannot be read at all (storage refuses, the object vanished) ends with an end row of size -1
     whose ``error`` says why: the driver records the unit as failed and goes on with the others.
@@ -187,8 +197,16 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     interrupted sample (status ``truncated``, with the members that were read); the end row's ``error`` says
     what happened and the unit's stats record it. Unreadable storage raises.
     """
-    options = cfg.storage_options()
     block = _BlockBuilder(cfg)
+    for unit in units:
+        yield from _read_into(block, unit, cfg)
+    if len(block):
+        yield block.take()
+
+
+def _read_into(block: _BlockBuilder, unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
+    """Add ``unit``'s rows and then its end row to ``block``, yielding each block that fills up on the way."""
+    options = cfg.storage_options()
     pending = S.Status.PENDING.value
     n, error, t0 = 0, "", time.perf_counter()
     unit_notes: list[MemberNote] = []
@@ -225,16 +243,16 @@ def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
         log.warning("unit %s cannot be read: %s", unit.name, e, exc_info=True)
         n, error = -1, f"cannot read {unit.source}: {error_text(e)}"
     block.add(key="", unit=unit.name, index=S.END_INDEX, image_member=None, image=None, members=[], status=pending,
-              error=error, unit_size=n, notes=unit_notes)
-    table = block.take()
-    timings = [None] * (table.num_rows - 1) + [{**S.empty_timings(), "read": time.perf_counter() - t0}]
-    yield _replace(table, {S.TIMINGS: timings})
+              error=error, unit_size=n, notes=unit_notes,
+              timings={**S.empty_timings(), "read": time.perf_counter() - t0})
+    if block.full:
+        yield block.take()
 
 
 def read_units_batch(batch: pa.Table, cfg: PipelineConfig) -> Iterator[pa.Table]:
-    """Ray adapter: ``batch`` holds unit items (``Unit.to_item``)."""
+    """Ray adapter: each row of ``batch`` is one read group, ``{"units": [Unit.to_item(), ...]}``."""
     for item in batch.to_pylist():
-        yield from read_unit(Unit.from_item(item), cfg)
+        yield from read_units([Unit.from_item(u) for u in item["units"]], cfg)
 
 
 # --------------------------------------------------------------------------------------------- 2. detect
@@ -247,6 +265,7 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
     it), so the restorer starts early and the decoded pixels held at once stay bounded.
     """
     from pipeline.decode import decoded_to_record
+    from pipeline.degradation import estimate_degradation
     from pipeline.faces import AlignOptions, align_faces
 
     status, error = _column(table, S.STATUS), _column(table, S.ERROR)
@@ -258,6 +277,7 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
     images = table.column(S.IMAGE)
     timings = _timings(table)
     opts = AlignOptions(select=cfg.select, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size)
+    thresholds = cfg.degradation_thresholds()
     n = table.num_rows
     faces: list[list[dict[str, Any]] | None] = [None] * n
     crops: list[list[bytes] | None] = [None] * n
@@ -287,8 +307,8 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
                     continue
                 t0 = time.perf_counter()
                 aligned = guarded(status, error, i, S.Status.DETECT_ERROR, align_faces, img.rgb, det, opts)
-                if aligned is not None:
-                    faces[i] = [_face_record(f.meta) for f in aligned]
+                if aligned is not None:  # the estimate runs on what DR2 is given: the aligned crop (timed as align)
+                    faces[i] = [_face_record(f.meta, estimate_degradation(f.crop, thresholds), cfg) for f in aligned]
                     crops[i] = [f.crop.tobytes() for f in aligned]
                     if aligned:
                         decoded_col[i] = decoded_to_record(img)
@@ -317,17 +337,37 @@ def _detected(table: pa.Table, start: int, stop: int, status: list[str], error: 
                            S.CROPS: crops[sl], S.DECODED: decoded[sl]})
 
 
-def _face_record(meta: Any) -> dict[str, Any]:
-    return {"box": [float(v) for v in meta.box], "score": float(meta.score),
-            "landmarks": [float(v) for xy in meta.landmarks for v in xy],
-            "affine": [float(v) for row in meta.affine for v in row]}
+def _face_record(meta: Any, degradation: Degradation | None = None,
+                 cfg: PipelineConfig | None = None) -> dict[str, Any]:
+    """A ``faces`` record (:data:`pipeline.schema.FACE_TYPE`): the detection, the degradation estimate, and the
+    face's plan: its (N, tau, omega) (:meth:`PipelineConfig.face_setting`) and whether it is restored at all."""
+    rec: dict[str, Any] = {"box": [float(v) for v in meta.box], "score": float(meta.score),
+                           "landmarks": [float(v) for xy in meta.landmarks for v in xy],
+                           "affine": [float(v) for row in meta.affine for v in row]}
+    if degradation is not None and cfg is not None:
+        verdict = degradation.verdict.value
+        rec["degradation"] = {**dataclasses.asdict(degradation), "verdict": verdict}
+        rec["N"], rec["tau"], rec["omega"] = cfg.face_setting(verdict)
+        skip = cfg.skips_clean and verdict == "clean"
+        rec["restored"] = not skip
+        rec["reason"] = f"clean: degradation score {degradation.score:.1f} <= {cfg.clean_max_factor:g}" if skip else ""
+    return rec
 
 
 def face_json(rec: dict[str, Any]) -> dict[str, Any]:
-    """A ``faces`` record as ``dr2.json`` shows it: landmarks as 5 (x, y) pairs, affine as 2 rows of 3."""
+    """A ``faces`` record as ``dr2.json`` shows it: landmarks as 5 (x, y) pairs, affine as 2 rows of 3, then the
+    degradation estimate (floats to 3 decimals), the face's N/tau/omega, ``restored`` and (when not) ``reason``."""
     lm, af = rec["landmarks"], rec["affine"]
-    return {"box": list(rec["box"]), "score": rec["score"], "landmarks": [[lm[k], lm[k + 1]] for k in range(0, 10, 2)],
-            "affine": [af[0:3], af[3:6]]}
+    out = {"box": list(rec["box"]), "score": rec["score"], "landmarks": [[lm[k], lm[k + 1]] for k in range(0, 10, 2)],
+           "affine": [af[0:3], af[3:6]]}
+    if rec.get("degradation") is not None:
+        out["degradation"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in rec["degradation"].items()}
+    for name in ("N", "tau", "omega", "restored"):
+        if rec.get(name) is not None:
+            out[name] = rec[name]
+    if rec.get("reason"):
+        out["reason"] = rec["reason"]
+    return out
 
 
 def _detect_one(detector: MTCNN, rgb: np.ndarray) -> Any:
@@ -342,11 +382,25 @@ def face_key(unit: str, key: str, face_index: int) -> str:
     return f"{unit}/{key}/{face_index}"
 
 
-def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) -> pa.Table:
-    """Restore every crop of the block, across images, in one restorer call (which batches and pads).
+Setting = tuple[int, int, int]  # a face's (N, tau, omega)
 
-    If the call fails, faces are retried one at a time, so only the images whose faces fail get
-    ``restore_error`` (and pass through unchanged).
+
+def _face_plan(rec: dict[str, Any], cfg: PipelineConfig) -> tuple[Setting, bool]:
+    """(the face's setting, whether it goes to the restorer), from its ``faces`` record; a record without a plan
+    (written before the estimate existed) takes the run's setting and is restored."""
+    if rec.get("N") is None:
+        return cfg.face_setting(None), True
+    return (int(rec["N"]), int(rec["tau"]), int(rec["omega"])), rec.get("restored") is not False
+
+
+def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) -> pa.Table:
+    """Restore every crop of the block, across images, in one restorer call per DR2 setting (the restorer batches
+    and pads each call; with one setting, as without ``--preset auto``, that is one call for the block).
+
+    Faces planned unrestored (clean under ``--skip-clean``) never reach the restorer: their crop is their output.
+    Each face's noise is seeded from its key, so grouping does not change any face's bytes. If a call fails, its
+    faces are retried one at a time, so only the images whose faces fail get ``restore_error`` (and pass through
+    unchanged). A face's ``restore`` seconds are its call's seconds per face (0 for a skipped face).
     """
     status = _column(table, S.STATUS)
     crops_col = table.column(S.CROPS)
@@ -354,25 +408,37 @@ def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) 
     if not todo:
         return table
     error, timings = _column(table, S.ERROR), _timings(table)
-    keys, units = table.column(S.KEY), table.column(S.UNIT)
+    keys, units, records = table.column(S.KEY), table.column(S.UNIT), table.column(S.FACES)
     faces: list[tuple[int, int, bytes]] = [(i, j, c) for i in todo for j, c in enumerate(crops_col[i].as_py())]
     face_keys = [face_key(units[i].as_py(), keys[i].as_py(), j) for i, j, _ in faces]
-    t0 = time.perf_counter()
-    out: list[tuple[np.ndarray, np.ndarray] | None]
-    try:
-        out = list(_restore_stages(restorer, _stack([c for _, _, c in faces]), face_keys, cfg))
-    except Exception:  # noqa: BLE001 - isolate the faces that fail
-        log.warning("restoring %d faces at once failed; retrying them one by one", len(faces), exc_info=True)
-        out = []
-        for (i, _, c), k in zip(faces, face_keys, strict=True):
-            one = guarded(status, error, i, S.Status.RESTORE_ERROR, _restore_one, restorer, c, k, cfg) \
-                if _pending(status[i]) else None
-            out.append(one)
-    per_face = (time.perf_counter() - t0) / len(faces)
+    plans = [_face_plan(records[i][j].as_py(), cfg) for i, j, _ in faces]
+    groups: dict[Setting, list[int]] = {}  # setting -> positions in ``faces``, settings in order of first face
+    for f, (setting, restore) in enumerate(plans):
+        if restore:
+            groups.setdefault(setting, []).append(f)
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(faces)
+    for f, (_, restore) in enumerate(plans):
+        if not restore:  # pasted back as it is: the crop is the "restored" face and its own thumbnail
+            out[f] = _unrestored(faces[f][2])
+    for setting, members in groups.items():
+        t0 = time.perf_counter()
+        try:
+            group = _restore_stages(restorer, _stack([faces[f][2] for f in members]), [face_keys[f] for f in members],
+                                    cfg, setting)
+            for f, one in zip(members, group, strict=True):
+                out[f] = one
+        except Exception:  # noqa: BLE001 - isolate the faces that fail
+            log.warning("restoring %d faces at once failed; retrying them one by one", len(members), exc_info=True)
+            for f in members:
+                i, _, c = faces[f]
+                out[f] = guarded(status, error, i, S.Status.RESTORE_ERROR, _restore_one, restorer, c, face_keys[f],
+                                 cfg, setting) if _pending(status[i]) else None
+        per_face = (time.perf_counter() - t0) / len(members)
+        for f in members:
+            timings[faces[f][0]]["restore"] += per_face
     restored: list[list[bytes] | None] = [None] * table.num_rows
     thumbs: list[list[bytes] | None] = [None] * table.num_rows
     for (i, j, _), face in zip(faces, out, strict=True):
-        timings[i]["restore"] += per_face
         if face is None or not _pending(status[i]):
             continue
         if restored[i] is None:
@@ -388,29 +454,43 @@ def restore_block(table: pa.Table, restorer: FaceRestorer, cfg: PipelineConfig) 
 THUMB = 160  # the report's thumbnail size: DR2's own output travels on only at this size
 
 
-def _restore_stages(restorer: FaceRestorer, faces: np.ndarray, keys: list[str],
-                    cfg: PipelineConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(enhanced output, THUMBxTHUMB thumbnail of the DR2 output before the enhancer) per face."""
+def _thumb(face: np.ndarray) -> np.ndarray:
     import cv2
 
+    return cv2.resize(np.ascontiguousarray(face), (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+
+
+def _unrestored(crop: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A face pasted back without restoration: (its crop, the crop's thumbnail)."""
+    face = _stack([crop])[0]
+    return face, _thumb(face)
+
+
+def _restore_stages(restorer: FaceRestorer, faces: np.ndarray, keys: list[str], cfg: PipelineConfig,
+                    setting: Setting | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(enhanced output, THUMBxTHUMB thumbnail of the DR2 output before the enhancer) per face, all restored with
+    ``setting`` (N, tau, omega); None: the run's own."""
+    N, tau, omega = setting or cfg.face_setting(None)
+    # The restorer was built with the run's omega (pipeline/models.py): only another one is passed per call, so that
+    # restorers which know one omega only keep working for the runs that need no other.
+    kw: dict[str, Any] = {} if omega == cfg.resolved_omega else {"omega": omega}
     stages_of = getattr(restorer, "restore_stages", None)
     if stages_of is None:
-        enhanced = restorer.restore(faces, keys, N=cfg.N, tau=cfg.tau)
+        enhanced = restorer.restore(faces, keys, N=N, tau=tau, **kw)
         dr2 = enhanced
     else:
-        out = stages_of(faces, keys, N=cfg.N, tau=cfg.tau)
+        out = stages_of(faces, keys, N=N, tau=tau, **kw)
         enhanced, dr2 = out["enhanced"], out["dr2"]
-    return [(e, cv2.resize(np.ascontiguousarray(d), (THUMB, THUMB), interpolation=cv2.INTER_AREA))
-            for e, d in zip(enhanced, dr2, strict=True)]
+    return [(e, _thumb(d)) for e, d in zip(enhanced, dr2, strict=True)]
 
 
 def _stack(crops: Sequence[bytes]) -> np.ndarray:
     return np.stack([np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3) for c in crops])
 
 
-def _restore_one(restorer: FaceRestorer, crop: bytes, key: str,
-                 cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
-    return _restore_stages(restorer, _stack([crop]), [key], cfg)[0]
+def _restore_one(restorer: FaceRestorer, crop: bytes, key: str, cfg: PipelineConfig,
+                 setting: Setting | None = None) -> tuple[np.ndarray, np.ndarray]:
+    return _restore_stages(restorer, _stack([crop]), [key], cfg, setting)[0]
 
 
 # --------------------------------------------------------------------------------------------- 4. compose + write
@@ -505,6 +585,10 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
 
     ``quality`` (restored faces only): per face the measures of :mod:`pipeline.quality` and their ``flags``; a
     sample with any flagged face is ``suspect`` (kept, never dropped).
+
+    Each face's entry (:func:`face_json`) carries its ``degradation`` estimate, the ``N``/``tau``/``omega`` it was
+    restored with (under ``adaptive`` its verdict's, else the run's, which the top-level ``N``/``tau``/``omega``
+    repeat) and ``restored`` (false, with a ``reason``, for a face pasted back unchanged).
     """
     shown = status in (S.Status.OK.value, S.Status.RESTORE_ERROR.value, S.Status.ENCODE_ERROR.value)
     shown_faces = [face_json(f) for f in faces or []] if shown else []
@@ -520,9 +604,13 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
         "tau": cfg.tau,
         "omega": cfg.resolved_omega,
         "seed": cfg.seed,
+        "adaptive": cfg.adaptive,  # true: each face's own N/tau/omega (in its entry) come from its verdict
+        "skip_clean": cfg.skips_clean,
         "restorer": cfg.restorer.value,
         "models": model_info,
     }
+    if "note" in model_info:  # the simulated restorer (pipeline/simulate.py): these faces are NOT restored
+        meta["simulated"] = model_info["note"]
     if quality is not None:
         meta["suspect"] = any(q["flags"] for q in quality)
     if notes:
@@ -587,12 +675,15 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
             for k, v in timings[r].items():
                 seconds[k] += v
         statuses = Counter(status[r] for r in run)
+        verdicts, skipped, saved_s = _degradation_counts([faces[r] for r in run if status[r] == S.Status.OK.value],
+                                                         sum(timings[r]["restore"] for r in run))
         summaries.append({
             S.UNIT: name, "first": first, "last": first + len(run) - 1, S.UNIT_SIZE: None, S.ERROR: "",
             "statuses": sorted(statuses.items()),
             "faces": sum(len(faces[r] or []) for r in run if status[r] == S.Status.OK.value),
             "faces_found": sum(len(faces[r] or []) for r in run), "seconds": seconds, S.NOTES: None,
             "suspect": sum(bool(q["flags"]) for r in run for q in quality.get(r, [])),
+            "verdicts": sorted(verdicts.items()), "skipped": skipped, "saved_s": saved_s,
             "written": len(kept),
             "sheet": json.dumps(sheet) if sheet else None,
             "non_ok": [{"key": keys[r], "status": status[r], "error": error[r]} for r in run
@@ -603,12 +694,29 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
         summaries.append({S.UNIT: unit_names[r], "first": -1, "last": -1,
                           S.UNIT_SIZE: table.column(S.UNIT_SIZE)[r].as_py(), S.ERROR: error[r], "statuses": [],
                           "faces": 0, "faces_found": 0, "seconds": timings[r], S.NOTES: notes[r], "suspect": 0,
-                          "written": 0,
+                          "verdicts": [], "skipped": 0, "saved_s": 0.0, "written": 0,
                           "sheet": None, "non_ok": None})
     return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
 
 
 NON_OK_PER_PART = 50  # the report lists non-ok samples; the driver keeps a bounded number of them
+
+
+def _degradation_counts(rows: list[list[dict[str, Any]] | None],
+                        restore_s: float) -> tuple[Counter[str], int, float]:
+    """Of the faces pasted back in ``rows``: the count per degradation verdict, how many were pasted back unrestored,
+    and the restorer seconds that saved: skipped x ``restore_s`` (the part's restore seconds, which only restored
+    faces take) per restored face; 0 when none was restored (nothing measured to extrapolate from)."""
+    verdicts: Counter[str] = Counter()
+    skipped = restored = 0
+    for rec in (f for row in rows for f in row or []):
+        if rec.get("degradation") is not None:
+            verdicts[rec["degradation"]["verdict"]] += 1
+        if rec.get("restored") is False:
+            skipped += 1
+        else:
+            restored += 1
+    return verdicts, skipped, round(skipped * restore_s / restored, 6) if restored else 0.0
 
 
 def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
@@ -624,17 +732,24 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
 
     thresholds = cfg.quality_thresholds()
     crops, restored, thumbs = table.column(S.CROPS), table.column(S.RESTORED), table.column(S.DR2_THUMBS)
+    records = table.column(S.FACES)
     for r in run:
         if composed.status[r] != S.Status.OK.value:
             continue
         unit, key = table.column(S.UNIT)[r].as_py(), table.column(S.KEY)[r].as_py()
         row_thumbs = thumbs[r].as_py() or []
+        row_records = records[r].as_py() or []
         quality[r] = []
         for j, (c, o) in enumerate(zip(crops[r].as_py(), restored[r].as_py(), strict=True)):
             inp = np.frombuffer(c, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
             out = np.frombuffer(o, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
-            q = measure_face(inp, out, N=cfg.N, ddpm_size=cfg.ddpm_size)
+            rec = row_records[j] if j < len(row_records) else {}
+            q = measure_face(inp, out, N=rec.get("N") or cfg.N, ddpm_size=cfg.ddpm_size)  # the N this face had
             entry = report.face_entry(shard=unit, key=key, face_index=j, images={}, quality=q, thresholds=thresholds)
+            if rec.get("degradation") is not None:  # the sheet shows each face's verdict (pipeline/report.py)
+                d = rec["degradation"]
+                entry["degradation"] = {"verdict": d["verdict"], "score": round(d["score"], 2)}
+                entry["restored"] = rec.get("restored") is not False
             quality[r].append({**q.to_dict(), "flags": entry["flags"]})
             if cfg.report and report.face_sheet_selected(face_key(unit, key, j), suspect=bool(entry["flags"]),
                                                          limit_per_thousand=cfg.report_faces_per_thousand or 1000):
