@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dr2.omega import default_omega  # noqa: F401 - re-exported: the official rule lives where no torch is needed
+
 
 class ModelMeanType(Enum):
     """What the network predicts for the mean (guided-diffusion names)."""
@@ -59,24 +61,6 @@ def space_timesteps(num_timesteps: int, section_counts: Sequence[int]) -> list[i
     return sorted(steps)
 
 
-def default_omega(N: int, tau: int) -> int:
-    """The start step omega of the official ``dr2e.py``: ``min(tau + k(N), 100)``.
-
-    k = 5 for N = 1, 10 for N <= 2, 20 for N <= 4, 25 for N <= 8, 30 above. The result can be 100, which is
-    outside the 100-step schedule: :func:`dr2.sampling.dr2_sample` rejects it (the official loop raises
-    IndexError there).
-    """
-    if N == 1:
-        k = 5
-    elif 1 < N <= 2:
-        k = 10
-    elif 2 < N <= 4:
-        k = 20
-    elif 4 < N <= 8:
-        k = 25
-    else:
-        k = 30
-    return min(tau + k, 100)
 
 
 class SpacedDiffusion:

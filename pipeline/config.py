@@ -188,10 +188,10 @@ class PipelineConfig:
     @cached_property
     def resolved_omega(self) -> int:
         """omega, resolved ONCE for the whole job: the given value, else the official rule from N and tau
-        (:func:`dr2.diffusion.default_omega`). Everything downstream (sampler, dr2.json) takes this value."""
+        (:func:`dr2.omega.default_omega`). Everything downstream (sampler, dr2.json) takes this value."""
         if self.omega is not None:
             return self.omega
-        from dr2.diffusion import default_omega  # torch: imported only where a rule must be evaluated
+        from dr2.omega import default_omega  # no torch: the driver resolves omega before any worker starts
 
         return default_omega(self.N, self.tau)
 
@@ -214,7 +214,7 @@ class PipelineConfig:
         if not self.adaptive or verdict is None:
             return self.N, self.tau, self.resolved_omega
         n, tau = ADAPTIVE_SETTINGS[verdict]
-        from dr2.diffusion import default_omega
+        from dr2.omega import default_omega
 
         return n, tau, default_omega(n, tau)
 
