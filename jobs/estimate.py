@@ -34,8 +34,10 @@ from typing import Any
 from jobs.restore import plan_units
 from pipeline import schema as S
 from pipeline.capacity import (
+    ACTOR_CALL_S,
     CPU_EFFICIENCY,
     TASK_CPUS,
+    TASK_S,
     ClusterShape,
     StageCosts,
     cpu_seconds_per_image,
@@ -204,8 +206,11 @@ def padded(faces: Sequence[int], batch: int) -> int:
     return sum(-(-f // batch) * batch for f in faces if f)
 
 
+SIM_UNITS = 20  # typical units over which the stages' slicing is simulated
+
+
 def restore_calls(cfg: PipelineConfig, faces_each: Sequence[int], images_per_unit: float,
-                  units: int = 20) -> list[int]:
+                  units: int = SIM_UNITS) -> list[int]:
     """Faces per restorer call over ``units`` typical units, following the stages' slicing: a unit is read in blocks
     of ``rows_per_block`` rows, detected ``detect_batch_size`` images at a time, and a slice goes to the restorer once
     it holds ``faces_block`` faces (the rest of a block goes as one last slice). Face counts repeat the sample's."""
@@ -299,6 +304,13 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
     per_face, restore_source, restore_on_cpu = restore_cost(cfg, sampled, shape, gpu_type=gpu_type, mfu=mfu,
                                                             faces_per_s=restorer_faces_per_s,
                                                             images_per_unit=images / len(units))
+    per_unit = max(1, round(images / len(units)))
+    slices = restore_calls(cfg, sampled.faces_each, per_unit, units=SIM_UNITS)  # one restorer call and write each
+    calls = [c for c in slices if c]
+    call_overhead = ACTOR_CALL_S * len(calls) / sum(calls) if calls else 0.0
+    blocks_per_image = math.ceil(per_unit / cfg.rows_per_block) / per_unit  # read tasks and detector calls
+    slices_per_image = len(slices) / (SIM_UNITS * per_unit) if slices else blocks_per_image
+    block_overhead = (TASK_S + ACTOR_CALL_S) * (blocks_per_image + slices_per_image)
     pools = plan_pools(cfg, shape)
     detect_s = sampled.per_image("detect")
     if pools.detect.gpus > 0:
@@ -306,7 +318,8 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
     costs = StageCosts(read_s=sampled.per_image("read"), decode_s=sampled.per_image("decode"), detect_s=detect_s,
                        align_s=sampled.per_image("align"), compose_s=sampled.per_image("compose"),
                        write_s=sampled.per_image("write"), faces_per_image=fpi, restore_s_per_face=per_face,
-                       restore_on_cpu=restore_on_cpu)
+                       restore_on_cpu=restore_on_cpu, restore_overhead_s_per_face=call_overhead,
+                       block_overhead_s=block_overhead, detect_call_s=ACTOR_CALL_S * blocks_per_image)
     pred = predict(costs, pools, shape)
     n_units = len(units)
     startup = COMMAND_S + (LOCAL_RAY_START_S if local else CLUSTER_JOIN_S) + ACTOR_START_S
@@ -332,7 +345,9 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
                     "seconds": round(sampled.wall_s, 2), "images_counted": "listed" if units[0].kind is UnitKind.IMAGES
                     else f"from the sample's images per byte ({sampled.rows} images in {sampled.input_bytes} bytes)"},
         "stage_ms_per_image": {k: round(1e3 * sampled.per_image(k), 2) for k in S.STAGES if k != "restore"},
-        "restore": {"seconds_per_face": round(per_face, 6), "source": restore_source, "on_cpu": restore_on_cpu},
+        "restore": {"seconds_per_face": round(per_face, 6), "source": restore_source, "on_cpu": restore_on_cpu,
+                    "call_overhead_s_per_face": round(call_overhead, 6)},
+        "ray_overhead_ms_per_image": round(1e3 * block_overhead, 2),
         "cluster": {**shape.to_dict(), "gpu_type": gpu_type if shape.gpus else None,
                     "ray": "local (started by the run)" if local else "a running cluster"},
         **pred.to_dict(),
@@ -349,7 +364,8 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
         "assumptions": {"command_s": COMMAND_S, "cpu_efficiency": CPU_EFFICIENCY,
                         "local_ray_start_s": LOCAL_RAY_START_S,
                         "cluster_join_s": CLUSTER_JOIN_S, "actor_start_s": ACTOR_START_S, "per_unit_s": PER_UNIT_S,
-                        "gpu_detect_speedup": GPU_DETECT_SPEEDUP, "task_cpus": TASK_CPUS,
+                        "gpu_detect_speedup": GPU_DETECT_SPEEDUP, "actor_call_s": ACTOR_CALL_S, "task_s": TASK_S,
+                        "task_cpus": TASK_CPUS,
                         "mfu": mfu if cfg.restorer is RestorerKind.DR2 and not restorer_faces_per_s else None},
     }
 

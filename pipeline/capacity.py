@@ -36,6 +36,8 @@ GPU_DETECTOR_SHARE = 0.1  # GPU per detector actor when detection runs on the re
 DETECTORS_PER_GPU = 2  # at most this many detector actors per GPU (their decode/align is CPU work)
 GPU_RESTORER_WITH_DETECTORS = round(1.0 - DETECTORS_PER_GPU * GPU_DETECTOR_SHARE, 3)  # 0.8: the rest of its GPU
 TASK_CPUS = 0.25  # CPUs reserved per read/write/commit task
+TASK_S = 0.03  # a Ray task's own cost (scheduling, a worker's call, the block in and out; 2-core machine)
+ACTOR_CALL_S = 0.02  # a stage actor's time per call outside its work (Ray's call, the block in and out; 2-core machine)
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,18 @@ class StageCosts:
     faces_per_image: float
     restore_s_per_face: float
     restore_on_cpu: bool = False  # a CPU restorer's time also takes a core
+    # per face, the restorer actor's time outside its work: Ray's call and the block's hand-over (ACTOR_CALL_S
+    # shared by the faces of one call); it limits the restorers' rate but is not busy time
+    restore_overhead_s_per_face: float = 0.0
+    # per image, Ray's per-block costs on the CPUs: read and write tasks (TASK_S each) and detector and restorer calls
+    # (ACTOR_CALL_S each), shared by a block's images; and of them, the detector calls' share (detector actor time)
+    block_overhead_s: float = 0.0
+    detect_call_s: float = 0.0
 
     @property
     def detect_actor_s(self) -> float:
         """Seconds a detector actor spends per image (decode, detect, align run there one after another)."""
-        return self.decode_s + self.detect_s + self.align_s
+        return self.decode_s + self.detect_s + self.align_s + self.detect_call_s
 
     @property
     def task_s(self) -> float:
@@ -179,6 +188,7 @@ CPU_EFFICIENCY = 0.85  # of a cluster's cores, what the stages get (Ray's own pr
 def cpu_seconds_per_image(costs: StageCosts, *, detect_on_gpu: bool) -> float:
     """All the CPU time one image costs, over every stage (what the cluster's cores must supply)."""
     cpu = costs.task_s + costs.decode_s + costs.align_s + (0.0 if detect_on_gpu else costs.detect_s)
+    cpu += costs.block_overhead_s
     if costs.restore_on_cpu:
         cpu += costs.restore_s_per_face * costs.faces_per_image
     return cpu
@@ -195,16 +205,18 @@ def predict(costs: StageCosts, pools: Pools, cluster: ClusterShape) -> Predictio
     detect_on_gpu = pools.detect.gpus > 0
     inf = float("inf")
     detect = pools.detect.max_actors / costs.detect_actor_s if costs.detect_actor_s > 0 else inf
-    per_image_restore = costs.restore_s_per_face * costs.faces_per_image
+    work = costs.restore_s_per_face * costs.faces_per_image
+    per_image_restore = work + costs.restore_overhead_s_per_face * costs.faces_per_image
     restore = pools.restore.max_actors / per_image_restore if per_image_restore > 0 else inf
     cpu_s = cpu_seconds_per_image(costs, detect_on_gpu=detect_on_gpu)
     cpu = cluster.cpus * CPU_EFFICIENCY / cpu_s if cpu_s > 0 else inf
     capacity = {"detect": detect, "restore": restore, "cpu": cpu}
     bottleneck = min(capacity, key=lambda k: capacity[k])
     rate = capacity[bottleneck]
+    finite = rate != inf
     return Prediction(capacity=capacity, bottleneck=bottleneck, images_per_s=rate,
-                      restore_busy=min(1.0, rate / restore) if restore != inf and rate != inf else 0.0,
-                      detect_busy=min(1.0, rate / detect) if detect != inf and rate != inf else 0.0)
+                      restore_busy=min(1.0, rate * work / pools.restore.max_actors) if finite else 0.0,
+                      detect_busy=min(1.0, rate / detect) if detect != inf and finite else 0.0)
 
 
 def cpus_needed(costs: StageCosts, pools: Pools, *, target_busy: float = 1.0) -> float:
@@ -213,7 +225,7 @@ def cpus_needed(costs: StageCosts, pools: Pools, *, target_busy: float = 1.0) ->
     per_image_restore = costs.restore_s_per_face * costs.faces_per_image
     if per_image_restore <= 0:
         return float("inf")
-    rate = target_busy * pools.restore.max_actors / per_image_restore
+    rate = target_busy * pools.restore.max_actors / per_image_restore  # the busy fraction counts work only
     return rate * cpu_seconds_per_image(costs, detect_on_gpu=pools.detect.gpus > 0) / CPU_EFFICIENCY
 
 

@@ -6,7 +6,8 @@ benchmarks/bench_capacity.py, each in its own process (a test session has its ow
     python -m tests.jobs.capacity_run SRC DST --cpus 2 --gpus 1 --faces-per-s 4
 
 The cluster: a head with ``--cpus`` CPUs and no GPU (reads, writes, detectors), and one node per fake GPU holding
-one CPU. The restorer actors sleep 1/R seconds per face while holding their (fake) GPU, so they stand for a GPU that
+one CPU. Detection stays on the CPUs (a fake GPU cannot run MTCNN). The restorer actors sleep 1/R seconds per
+face while holding their (fake) GPU, so they stand for a GPU that
 restores R faces/s; the busy fraction they reach says whether the CPU side kept them fed.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -41,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PipelineConfig(src=args.src, dst=args.dst, restorer=RestorerKind.SIMULATE,
                          simulate_faces_per_s=args.faces_per_s, progress="quiet", report=True,
                          detect_actors=args.detect_actors, rows_per_block=8, detect_batch_size=4,
-                         restore_batch_size=4, faces_per_block=4)
-    shape = ClusterShape(cpus=args.cpus + args.gpus, gpus=float(args.gpus))
+                         restore_batch_size=4, faces_per_block=4,
+                         gpus_per_detector=0.0)  # a fake GPU cannot run MTCNN: detection stays on the CPUs
+    # the model gets the cores there are: the simulated nodes share this machine's
+    shape = ClusterShape(cpus=min(args.cpus + args.gpus, float(os.cpu_count() or 1)), gpus=float(args.gpus))
     predicted = estimate(cfg, cluster=shape, sample_units_n=2, sample_images=8)  # before Ray: measured here
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus, **NODE})
     for _ in range(args.gpus):

@@ -76,7 +76,8 @@ def test_the_answer_follows_the_cluster_shape(tmp_path: Path) -> None:
     # one GPU and more than the cores the model asks for (the same measured costs): the GPU is the bottleneck
     need = float(few["cpus_for_restore_busy_0_9"]) / 16 / 0.9 * 1.3  # type: ignore[arg-type]
     one = estimate(cfg, cluster=ClusterShape(cpus=need, gpus=1), gpu_type="H100", sampled=few["measured"])
-    assert one["bottleneck"] == "restore" and one["busy"]["restore"] == pytest.approx(1.0)  # type: ignore[index]
+    # busy: the work share of the restorer's time (Ray's per-call time is not busy)
+    assert one["bottleneck"] == "restore" and one["busy"]["restore"] > 0.8  # type: ignore[index]
     assert one["gpu_hours"] > 0 and one["gpu_hours_restoring"] > 0  # type: ignore[operator]
     with pytest.raises(ValueError, match="unknown GPU"):
         estimate(cfg, cluster=ClusterShape(cpus=4, gpus=1), gpu_type="Z9000")
