@@ -160,7 +160,7 @@ def mixed_archive_savings(n: int) -> None:
     print(f"mixed folder: {n} photos ({', '.join(kinds)} in turn), dr2 restore --preset auto --restorer tiny: "
           f"{wall:.1f} s")
     print(f"  verdicts {deg.get('verdicts')}; faces skipped {deg.get('skipped')}; restorer time saved "
-          f"{deg.get('saved_s')} s of {report['stage_seconds'].get('restore')} s spent restoring")
+          f"{deg.get('saved_seconds')} s of {report['stage_seconds'].get('restore')} s spent restoring")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -90,7 +90,7 @@ class RunSummary:
     suspect: int = 0  # restored faces with a quality flag
     verdicts: Counter[str] = field(default_factory=Counter)  # faces pasted back, per degradation verdict
     skipped: int = 0  # faces pasted back unrestored (clean, under --skip-clean)
-    saved_s: float = 0.0  # restorer seconds that saved (skipped x their part's restore seconds per restored face)
+    saved_s: float = 0.0  # restorer seconds that saved: skipped x the run's restore seconds per restored face
     sheet: list[dict[str, Any]] = field(default_factory=list)  # the report's contact-sheet entries (bounded)
     non_ok: list[dict[str, Any]] = field(default_factory=list)  # non-ok samples for the report (bounded)
     non_ok_total: int = 0
@@ -406,6 +406,9 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         if not p.committed and p.unit.name not in summary.failed:
             _fail(p, "not all samples arrived (a bug: please report it)", summary, on_unit)
     summary.seconds = time.perf_counter() - t0
+    restored = summary.faces - summary.skipped
+    if summary.skipped and restored > 0:  # the run's measured restorer seconds per restored face, over all its parts
+        summary.saved_s = summary.skipped * summary.stage_seconds["restore"] / restored
     if cfg.report:
         summary.report = write_run_report(cfg, summary)
     log.debug("summary\n%s", summary.table())  # the CLI prints it
