@@ -9,12 +9,16 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
     from_items(groups) -> map_batches(read_units_batch, CPU tasks)  a unit, or a group of small ones, each
       -> repartition(rows_per_block)               blocks of <= rows_per_block rows (see _build)
       -> map_batches(DetectStage,  actor pool)      decode, detect, align; re-blocks to <= faces_block faces
-      -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, all faces of a block in one call
+      -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, one call per DR2 setting of a block
       -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
       -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
-``batch_size=None`` everywhere after the read: a stage takes the blocks the previous one made, whole, so the
-block sizes chosen by the reader (rows, bytes) and by detection (faces) are the sizes every stage sees.
+Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
+
+``batch_size=None`` after the read (except where Ray requires a row count with GPUs): a stage takes the blocks the
+previous one made, whole. Caveat (ray 2.60): Ray Data merges what one task or call yields into one output block (up
+to its target block size), so the reader's blocks are cut again by the repartition, and detection's ``faces_block``
+slices may reach the restorer merged: the restorer pads each call to its batch size either way.
 
 Failure bounds: Ray's defaults retry tasks and restart actors without limit, so a batch that always kills
 its actor would loop forever (NOTES.md). Here actors restart at most ``MAX_RESTARTS`` times, and the read and

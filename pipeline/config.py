@@ -119,7 +119,8 @@ class PipelineConfig:
         None, "GPUs per detector actor; none: 0.1 when the cluster has GPUs (MTCNN runs on the restorers' GPUs), "
         "else 0; 0 keeps detection on CPUs")
     cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional, so reads and writes keep running)")
-    detect_batch_size: int = _f(8, "images per detector forward pass")
+    detect_batch_size: int = _f(8, "images decoded per detector step (each image is detected on its own, so that "
+                                   "its faces never depend on its neighbours)")
     rows_per_block: int = _f(
         256, "at most this many samples travel together between stages (one Ray call and one staged part per block)")
     block_mb: int = _f(64, "at most this many MiB of input bytes per block")

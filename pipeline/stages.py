@@ -294,12 +294,13 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
                 batch.append((i, img))
         if batch:
             t0 = time.perf_counter()
-            detections: list[Any]
-            try:
-                detections = list(detector.detect([img.rgb for _, img in batch]))
-            except Exception:  # noqa: BLE001 - retry image by image so one bad image does not fail its neighbours
-                detections = [guarded(status, error, i, S.Status.DETECT_ERROR, _detect_one, detector, img.rgb)
-                              for i, img in batch]
+            # Each image is detected on its own: MTCNN's numbers move (~1e-5 px) with the images that share its
+            # forward passes (convolution kernels and their summation order follow the batch shape), and blocks are
+            # cut differently from run to run (Ray Data merges blocks; a rerun reads other groups), so a batch's
+            # neighbours would make a face's box, hence the output bytes, depend on the run. One failing image
+            # fails alone.
+            detections: list[Any] = [guarded(status, error, i, S.Status.DETECT_ERROR, _detect_one, detector, img.rgb)
+                                     for i, img in batch]
             per_image = (time.perf_counter() - t0) / len(batch)
             for (i, img), det in zip(batch, detections, strict=True):
                 timings[i]["detect"] += per_image
