@@ -93,11 +93,6 @@ def sample_units(units: Sequence[Unit], k: int, seed: int) -> list[Unit]:
     return [units[i] for i in picked]
 
 
-def _unit_bytes(u: Unit) -> int:
-    head = u.input.split(":", 1)[0] if u.input else ""
-    return int(head) if head.isdigit() else 0
-
-
 def _capped(unit: Unit, cfg: PipelineConfig, max_rows: int) -> Iterator[Any]:
     """The unit's blocks (``read_unit``), stopping after about ``max_rows`` rows."""
     from pipeline.stages import read_unit
@@ -243,13 +238,13 @@ def _pad(factor: float) -> str:
 
 
 def restore_cost(cfg: PipelineConfig, sampled: Sampled, cluster: ClusterShape, *, gpu_type: str, mfu: float,
-                 faces_per_s: float | None, images_per_unit: float) -> tuple[float, str, bool]:
-    """(one restorer actor's seconds per face, where the figure comes from, whether it takes a CPU core)."""
+                 faces_per_s: float | None, slices: Sequence[int]) -> tuple[float, str, bool]:
+    """(one restorer actor's seconds per face, where the figure comes from, whether it takes a CPU core).
+    ``slices``: faces per restorer call of a typical run (:func:`restore_calls`)."""
     on_cpu = cluster.gpus < 1
     # the networks run full batches: what a face costs includes its share of the padding, as the stages slice
     bs = cfg.restore_batch_size
-    run_pad = _ratio(padded(restore_calls(cfg, sampled.faces_each, images_per_unit), bs),
-                     sum(restore_calls(cfg, sampled.faces_each, images_per_unit)))
+    run_pad = _ratio(padded(slices, bs), sum(slices))
     if faces_per_s:
         return run_pad / faces_per_s, f"given: {faces_per_s:g} faces/s per restorer{_pad(run_pad)}", on_cpu
     if cfg.restorer is RestorerKind.SIMULATE:
@@ -299,13 +294,12 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
         images = float(sum(len(u.images) for u in units))
     else:
         per_byte = sampled.rows / sampled.input_bytes if sampled.input_bytes else 0.0
-        images = sum(_unit_bytes(u) for u in units) * per_byte
+        images = sum(u.size_hint[0] or 0 for u in units) * per_byte
     fpi = sampled.faces / sampled.images
-    per_face, restore_source, restore_on_cpu = restore_cost(cfg, sampled, shape, gpu_type=gpu_type, mfu=mfu,
-                                                            faces_per_s=restorer_faces_per_s,
-                                                            images_per_unit=images / len(units))
     per_unit = max(1, round(images / len(units)))
     slices = restore_calls(cfg, sampled.faces_each, per_unit, units=SIM_UNITS)  # one restorer call and write each
+    per_face, restore_source, restore_on_cpu = restore_cost(cfg, sampled, shape, gpu_type=gpu_type, mfu=mfu,
+                                                            faces_per_s=restorer_faces_per_s, slices=slices)
     calls = [c for c in slices if c]
     call_overhead = ACTOR_CALL_S * len(calls) / sum(calls) if calls else 0.0
     blocks_per_image = math.ceil(per_unit / cfg.rows_per_block) / per_unit  # read tasks and detector calls

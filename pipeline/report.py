@@ -323,6 +323,11 @@ def _cards(counts: Mapping[str, Any]) -> str:
     return f'<div class="cards">{"".join(out)}</div>'
 
 
+def _bar_cell(share: float) -> str:
+    """The last cell of a row of the report's bar tables: a bar ``share`` (0..1) of the cell wide."""
+    return f'<td class="barcell"><div class="bar" style="width:{100 * share:.1f}%"></div></td>'
+
+
 def _stages(stage_seconds: Mapping[str, Any]) -> str:
     vals = {k: float(v) for k, v in stage_seconds.items() if isinstance(v, int | float)}
     if not vals:
@@ -331,7 +336,7 @@ def _stages(stage_seconds: Mapping[str, Any]) -> str:
     total = sum(vals.values()) or 1.0
     rows = "".join(
         f'<tr><td>{_e(k)}</td><td class="r" data-stage="{_e(k)}">{v:,.1f} s</td><td class="r">{100 * v / total:.0f}%'
-        f'</td><td class="barcell"><div class="bar" style="width:{100 * v / top:.1f}%"></div></td></tr>'
+        f'</td>{_bar_cell(v / top)}</tr>'
         for k, v in sorted(vals.items(), key=lambda kv: -kv[1])
     )
     head = '<tr><th>stage</th><th class="r">seconds</th><th class="r">share</th><th></th></tr>'
@@ -353,7 +358,7 @@ def _busy(busy: Mapping[str, Any], pools: Mapping[str, Any]) -> str:
             f'<tr><td>{_e(stage)}</td><td class="r">{_num(b.get("actors"), 0)}</td><td>{_e(where)}</td>'
             f'<td class="r" data-busy="{_e(stage)}">{100 * frac:.0f}%</td>'
             f'<td class="r">{_num(b.get("busy_s"))} s</td><td class="r">{_num(b.get("wall_s"))} s</td>'
-            f'<td class="barcell"><div class="bar" style="width:{100 * frac:.1f}%"></div></td></tr>')
+            f'{_bar_cell(frac)}</tr>')
     if not rows:
         return '<p class="muted">no actor busy figures recorded</p>'
     head = ('<tr><th>stage</th><th class="r">actors</th><th>each</th><th class="r">busy</th><th class="r">working</th>'
@@ -404,7 +409,7 @@ def _degradation(deg: Mapping[str, Any]) -> str:
     top = max(verdicts.values()) or 1
     rows = "".join(
         f'<tr><td>{_e(v)}</td><td class="r" data-verdict="{_e(v)}">{n:,}</td><td class="r">{100 * n / total:.0f}%'
-        f'</td><td class="barcell"><div class="bar" style="width:{100 * n / top:.1f}%"></div></td></tr>'
+        f'</td>{_bar_cell(n / top)}</tr>'
         for v, n in verdicts.items())
     head = '<tr><th>verdict</th><th class="r">faces</th><th class="r">share</th><th></th></tr>'
     mode = ("per-face N/tau from the verdict (--preset auto)" if deg.get("adaptive") else "one N/tau for all faces")
