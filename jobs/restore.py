@@ -421,7 +421,7 @@ TYPICAL_BYTES_PER_FACE = 150_000  # a web photo with one face: only to size the 
 def sheet_rate(cfg: PipelineConfig, units: Sequence[Unit]) -> int:
     """Per-1000 sampling rate of the contact sheet, so that about ``cfg.report_faces`` faces are kept whatever the
     archive's size; estimated from the input's bytes (the listing gives them) before any face is found."""
-    size = sum(int(u.input.split(":", 1)[0]) for u in units if u.kind is UnitKind.SHARD and ":" in u.input)
+    size = sum(u.size_hint[0] or 0 for u in units if u.kind is UnitKind.SHARD)
     faces = max(1, size // TYPICAL_BYTES_PER_FACE, sum(len(u.images) for u in units))
     return max(1, min(1000, -(-cfg.report_faces * 1000 // faces)))
 
