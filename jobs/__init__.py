@@ -1,3 +1,3 @@
 """jobs: what a person runs. The ``dr2`` command line, the archive restoration job, the nightly job,
-submission to a Ray cluster and presets. Depends on ``pipeline`` and ``dr2``.
+submission to a Ray cluster. Depends on ``pipeline`` and ``dr2``.
 """

@@ -116,18 +116,16 @@ def entrypoint(job_argv: Sequence[str], python: str = "python") -> str:
     return shlex.join([python, "-m", "jobs.cli", *job_argv])
 
 
-def check_job_argv(job_argv: Sequence[str]) -> list[str]:
+def check_job_argv(job_argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
     """Refuse an empty or unknown job line here, before anything reaches the cluster; parse ``restore`` with the
-    real parser so that a typo fails now instead of on the cluster."""
+    real ``dr2`` parser (passed in: the parser imports this module for its options) so that a typo fails now
+    instead of on the cluster."""
     argv = list(job_argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv or argv[0] not in JOB_COMMANDS:
         raise SubmitError(f"give the job after `--`: `dr2 submit -- restore SRC DST ...` or "
                           f"`dr2 submit -- nightly SRC DST --state URI ...` (got {shlex.join(argv) or 'nothing'})")
-    from jobs.cli import build_parser  # the CLI imports this module: import it when used
-
-    parser = build_parser()
     commands = {c for a in parser._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices}
     if argv[0] not in commands:
         return argv  # a client without this command yet: the cluster's code parses it
@@ -279,17 +277,18 @@ def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def cmd_submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``dr2 submit``; ``parser`` is the ``dr2`` parser that checks the job line."""
     try:
-        return _cmd_submit(args)
+        return _cmd_submit(args, parser)
     except SubmitError as e:
         print(f"dr2 submit: {e}", file=sys.stderr)
         return 2
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
+def _cmd_submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     query = args.status or args.logs or args.stop
-    job_argv = [] if query else check_job_argv(args.job)
+    job_argv = [] if query else check_job_argv(args.job, parser)
     if query and [t for t in args.job if t != "--"]:
         raise SubmitError("--status/--logs/--stop take a job id and no job line")
     env_vars = _env_vars(args.env)

@@ -264,13 +264,34 @@ class PipelineConfig:
         return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
 
 
-ADAPTIVE_SETTINGS: dict[str, tuple[int, int]] = {
-    "clean": (4, 22),  # reached only without skip_clean: the mildest official setting
-    "mild": (4, 22),
-    "moderate": (8, 35),
-    "severe": (16, 35),
+PRESETS: dict[str, dict[str, Any]] = {
+    "mild": {"N": 4, "tau": 22},
+    "moderate": {"N": 8, "tau": 35},
+    "severe": {"N": 16, "tau": 35},
+    "auto": {"adaptive": True},
 }
-"""(N, tau) per degradation verdict under ``adaptive``: the official demo's three settings (jobs/presets/*.json)."""
+"""The named presets, as config fields: the official demo's three (N, tau) settings, and ``auto`` (each face gets
+its degradation verdict's setting). The CLI's ``--preset`` and the Python API take them from here."""
+
+PRESET_HELP = (
+    "N/tau from the official demo's three settings: mild (N=4, tau=22), moderate (N=8, tau=35), "
+    "severe (N=16, tau=35). Explicit --N/--tau win. auto (--adaptive): each face gets the setting of its "
+    "degradation verdict (pipeline/degradation.py), and clean faces are pasted back unrestored (--skip-clean)."
+)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's config fields (a copy: callers may add their own overrides to it)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+ADAPTIVE_SETTINGS: dict[str, tuple[int, int]] = {
+    "clean": (PRESETS["mild"]["N"], PRESETS["mild"]["tau"]),  # reached only without skip_clean: the mildest
+    **{v: (PRESETS[v]["N"], PRESETS[v]["tau"]) for v in ("mild", "moderate", "severe")},
+}
+"""(N, tau) per degradation verdict under ``adaptive``: the presets of the same names."""
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from dr2.restorer import DR2Restorer
-from jobs.cli import load_preset
 from jobs.restore import RunSummary, run_restore
 from pipeline import schema as S
 from pipeline import stages
-from pipeline.config import ADAPTIVE_SETTINGS, PipelineConfig, RestorerKind
+from pipeline.config import ADAPTIVE_SETTINGS, PipelineConfig, RestorerKind, load_preset
 from pipeline.degradation import DegradationThresholds
 from tests.jobs.archive import encode, no_face_image
 from tests.pipeline import photos

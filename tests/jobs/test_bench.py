@@ -25,7 +25,7 @@ from jobs.bench import (
     run_bench,
     spec_peak,
 )
-from jobs.cli import build_parser
+from jobs.parser import build_parser
 
 
 def test_full_size_flops_match_the_issue() -> None:

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from jobs.cli import build_parser, load_preset, main
+from jobs.cli import main
 from jobs.configargs import dataclass_from_args
-from pipeline.config import FaceSelect, PipelineConfig, RestorerKind
+from jobs.parser import build_parser
+from pipeline.config import FaceSelect, PipelineConfig, RestorerKind, load_preset
 
 
 def test_every_config_field_is_an_option_with_help() -> None:
