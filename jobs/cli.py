@@ -21,17 +21,17 @@ import argparse
 import json
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jobs.configargs import add_dataclass_args, dataclass_from_args
+from pipeline.config import PRESETS as PRESET_FIELDS
 from pipeline.config import PipelineConfig
 from pipeline.console import setup_logging
 
 log = logging.getLogger("dr2")
 
-PRESETS = ("mild", "moderate", "severe", "auto")
+PRESETS = tuple(PRESET_FIELDS)
 PRESET_HELP = (
     "N/tau from the official demo's three settings: mild (N=4, tau=22), moderate (N=8, tau=35), "
     "severe (N=16, tau=35). Explicit --N/--tau win. auto (--adaptive): each face gets the setting of its "
@@ -40,9 +40,8 @@ PRESET_HELP = (
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A preset's config fields (jobs/presets/NAME.json): N and tau, or for auto ``adaptive``."""
-    data: dict[str, Any] = json.loads(resources.files("jobs").joinpath("presets", f"{name}.json").read_text())
-    return data
+    """A preset's config fields (:data:`pipeline.config.PRESETS`): N and tau, or for auto ``adaptive``."""
+    return dict(PRESET_FIELDS[name])
 
 
 # --------------------------------------------------------------------------------------------- parser

@@ -47,7 +47,7 @@ import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import schema as S
-from pipeline.capacity import ClusterShape, Pools, StagePool, plan_pools
+from pipeline.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
 from pipeline.units import Unit, read_groups
@@ -210,14 +210,19 @@ def _actor_id() -> str:
 
 
 class DetectActor(DetectStage):
-    """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
+    """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
+    (none for :func:`restore_dataset`: nothing there reads it)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
         self.flight, self.actor = flight, _actor_id()
-        flight.ready.remote("detect", self.actor)
+        if flight is not None:
+            flight.ready.remote("detect", self.actor)
 
     def __call__(self, batch: Any) -> Iterator[Any]:
+        if self.flight is None:
+            yield from super().__call__(batch)
+            return
         label = block_label(batch)
         ray.get(self.flight.start.remote("detect", label, self.actor))  # before the work: it may kill this process
         busy, t = 0.0, time.perf_counter()
@@ -230,14 +235,18 @@ class DetectActor(DetectStage):
 
 
 class RestoreActor(RestoreStage):
-    """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
+    """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
+    (none for :func:`restore_dataset`)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
         self.flight, self.actor = flight, _actor_id()
-        flight.ready.remote("restore", self.actor)
+        if flight is not None:
+            flight.ready.remote("restore", self.actor)
 
     def __call__(self, batch: Any) -> Any:
+        if self.flight is None:
+            return super().__call__(batch)
         label = block_label(batch)
         ray.get(self.flight.start.remote("restore", label, self.actor))
         t = time.perf_counter()
@@ -294,7 +303,18 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
                                                override_num_blocks=max(1, len(groups)))
     ds = ds.map_batches(
         read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
-        fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
+        fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
+    return _face_stages(ds, cfg, flight, pools, write_block_batch,
+                        {"cfg": cfg, "model_info": model_info, "config_hash": config_hash,
+                         "kind": next(iter(kinds)).value})
+
+
+def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: Pools, finish: Any,
+                 finish_kwargs: dict[str, Any]) -> ray.data.Dataset:
+    """The part of the graph that ``dr2 restore`` and :func:`restore_dataset` share, from blocks of record rows
+    (:data:`pipeline.schema.ROW_SCHEMA`, extra columns ride along) on: re-block, detect, restore, then ``finish``
+    (compose, then write the run's parts, or give the dataset its columns back) as a CPU task. Pools, batching and
+    failure bounds are set here only."""
     # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size (128 MiB): a read
     # task's output (a group, or one shard of thousands of rows) would travel as ONE block. Cut back to rows_per_block.
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
@@ -325,14 +345,37 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
         **actor_args,
     )
     ds = ds.map_batches(
-        write_block_batch,  # type: ignore[arg-type]  # extra arguments come through fn_kwargs
-        fn_kwargs={"cfg": cfg, "model_info": model_info, "config_hash": config_hash, "kind": next(iter(kinds)).value},
+        finish,
+        fn_kwargs=finish_kwargs,
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=TASK_CPUS,
         max_retries=MAX_RETRIES,
     )
     return ds
+
+
+def restore_dataset_graph(ds: ray.data.Dataset, cfg: PipelineConfig, model_info: dict[str, Any], *,
+                          image_column: str, key_column: str | None, output_column: str,
+                          metadata_column: str) -> ray.data.Dataset:
+    """A user's dataset through the same stages as ``dr2 restore``: its batches become record rows (its own columns
+    riding along), :func:`_face_stages` detects and restores, and the last task composes and gives the rows back with
+    the restored image and the metadata added (:mod:`pipeline.dataset`). Lazy, like any Ray Data transform; the
+    public face is :func:`pipeline.api.restore_dataset`."""
+    from pipeline.dataset import finish_batch, rows_from_batch
+
+    if not ray.is_initialized():  # what Ray Data does on a dataset's first use; the pools need the cluster's shape
+        ray.init(address=cfg.address or None)
+    with warnings.catch_warnings():  # as in build_dataset: the retry/restart limits go through **ray_remote_args
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        pools = cluster_pools(cfg)
+        ds = ds.map_batches(
+            rows_from_batch,  # type: ignore[arg-type]  # arguments come through fn_kwargs
+            fn_kwargs={"image_column": image_column, "key_column": key_column},
+            batch_size=cfg.rows_per_block, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
+        return _face_stages(ds, cfg, None, pools, finish_batch,
+                            {"cfg": cfg, "model_info": model_info, "image_column": image_column,
+                             "output_column": output_column, "metadata_column": metadata_column})
 
 
 def cluster_pools(cfg: PipelineConfig) -> Pools:
@@ -445,7 +488,7 @@ def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:
     function is made once per ``fn``: making it anew per call costs the driver milliseconds (pickling, export)."""
     remote = _REMOTE.get(fn)
     if remote is None:
-        remote = _REMOTE[fn] = ray.remote(num_cpus=0.25, max_retries=MAX_RETRIES)(fn)
+        remote = _REMOTE[fn] = ray.remote(num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)(fn)
     return remote.remote(*args, **kwargs)
 
 

@@ -270,7 +270,34 @@ ADAPTIVE_SETTINGS: dict[str, tuple[int, int]] = {
     "moderate": (8, 35),
     "severe": (16, 35),
 }
-"""(N, tau) per degradation verdict under ``adaptive``: the official demo's three settings (jobs/presets/*.json)."""
+"""(N, tau) per degradation verdict under ``adaptive``: the official demo's three settings (:data:`PRESETS`)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mild": {"N": 4, "tau": 22},
+    "moderate": {"N": 8, "tau": 35},
+    "severe": {"N": 16, "tau": 35},
+    "auto": {"adaptive": True},  # each face the setting of its verdict (ADAPTIVE_SETTINGS); skip_clean follows
+}
+"""``--preset NAME``: the config fields a preset sets (the official demo's three settings, and ``auto``). The one place
+presets live: the CLI (``jobs/cli.py``) takes them as its defaults and the Python API (:func:`with_preset`) applies
+them the same way; explicitly given values win over a preset in both."""
+
+
+def with_preset(config: PipelineConfig | None = None, preset: str | None = None, **overrides: Any) -> PipelineConfig:
+    """``config`` (default: the defaults) with ``preset``'s fields and then ``overrides`` applied, as ``dr2 restore``
+    resolves ``--preset`` and explicit options: a preset sets N/tau (or ``adaptive``), an explicit value wins.
+
+    >>> with_preset(preset="severe", tau=10).N, with_preset(preset="severe", tau=10).tau
+    (16, 10)
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    fields = {**(PRESETS[preset] if preset else {}), **overrides}
+    if config is None:
+        return PipelineConfig.from_dict(fields)
+    names = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    check_known_keys(PipelineConfig, fields)
+    return dataclasses.replace(config, **{k: _coerce(names[k], v) for k, v in fields.items()})
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
