@@ -365,7 +365,8 @@ def restore_dataset_graph(ds: ray.data.Dataset, cfg: PipelineConfig, model_info:
     from pipeline.dataset import finish_batch, rows_from_batch
 
     if not ray.is_initialized():  # what Ray Data does on a dataset's first use; the pools need the cluster's shape
-        ray.init(address=cfg.address or None)
+        # the cluster at --address / RAY_ADDRESS, else a new local Ray (never a stale one: see init_ray)
+        ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS") or "local")
     with warnings.catch_warnings():  # as in build_dataset: the retry/restart limits go through **ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         pools = cluster_pools(cfg)
