@@ -13,6 +13,14 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
       -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
       -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
+The Python API's :func:`restore_dataset_graph` (``pipeline.api.restore_dataset``) runs the same part from the
+repartition on (:func:`_face_stages`: one place for pools, batching and failure bounds), between a user's dataset and
+the user's own write:
+
+    user's dataset -> map_batches(rows_from_batch, CPU tasks)   record rows, the user's columns riding along
+      -> repartition -> DetectStage -> RestoreStage             as above
+      -> map_batches(finish_batch, CPU tasks)                   paste back, encode, dr2.json; the user's columns back
+
 Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
 
 ``batch_size=None`` after the read (except where Ray requires a row count with GPUs): a stage takes the blocks the
