@@ -219,7 +219,7 @@ def _actor_id() -> str:
 
 class DetectActor(DetectStage):
     """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
-    (none for :func:`restore_dataset`: nothing there reads it)."""
+    (none for ``pipeline.api.restore_dataset``: nothing there reads it)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
@@ -244,7 +244,7 @@ class DetectActor(DetectStage):
 
 class RestoreActor(RestoreStage):
     """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
-    (none for :func:`restore_dataset`)."""
+    (none for ``pipeline.api.restore_dataset``)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
