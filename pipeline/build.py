@@ -13,6 +13,14 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
       -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
       -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
+The Python API's :func:`restore_dataset_graph` (``pipeline.api.restore_dataset``) runs the same part from the
+repartition on (:func:`_face_stages`: one place for pools, batching and failure bounds), between a user's dataset and
+the user's own write:
+
+    user's dataset -> map_batches(rows_from_batch, CPU tasks)   record rows, the user's columns riding along
+      -> repartition -> DetectStage -> RestoreStage             as above
+      -> map_batches(finish_batch, CPU tasks)                   paste back, encode, dr2.json; the user's columns back
+
 Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
 
 ``batch_size=None`` after the read (except where Ray requires a row count with GPUs): a stage takes the blocks the
@@ -47,7 +55,7 @@ import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import schema as S
-from pipeline.capacity import ClusterShape, Pools, StagePool, plan_pools
+from pipeline.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
 from pipeline.units import Unit, read_groups
@@ -210,14 +218,19 @@ def _actor_id() -> str:
 
 
 class DetectActor(DetectStage):
-    """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
+    """:class:`DetectStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
+    (none for ``pipeline.api.restore_dataset``: nothing there reads it)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
         self.flight, self.actor = flight, _actor_id()
-        flight.ready.remote("detect", self.actor)
+        if flight is not None:
+            flight.ready.remote("detect", self.actor)
 
     def __call__(self, batch: Any) -> Iterator[Any]:
+        if self.flight is None:
+            yield from super().__call__(batch)
+            return
         label = block_label(batch)
         ray.get(self.flight.start.remote("detect", label, self.actor))  # before the work: it may kill this process
         busy, t = 0.0, time.perf_counter()
@@ -230,14 +243,18 @@ class DetectActor(DetectStage):
 
 
 class RestoreActor(RestoreStage):
-    """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`."""
+    """:class:`RestoreStage` that reports each block, and the time it spent on it, to the run's :class:`FlightLog`
+    (none for ``pipeline.api.restore_dataset``)."""
 
     def __init__(self, cfg: PipelineConfig, flight: Any) -> None:
         super().__init__(cfg)
         self.flight, self.actor = flight, _actor_id()
-        flight.ready.remote("restore", self.actor)
+        if flight is not None:
+            flight.ready.remote("restore", self.actor)
 
     def __call__(self, batch: Any) -> Any:
+        if self.flight is None:
+            return super().__call__(batch)
         label = block_label(batch)
         ray.get(self.flight.start.remote("restore", label, self.actor))
         t = time.perf_counter()
@@ -294,7 +311,18 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
                                                override_num_blocks=max(1, len(groups)))
     ds = ds.map_batches(
         read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
-        fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=0.25, max_retries=MAX_RETRIES)
+        fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
+    return _face_stages(ds, cfg, flight, pools, write_block_batch,
+                        {"cfg": cfg, "model_info": model_info, "config_hash": config_hash,
+                         "kind": next(iter(kinds)).value})
+
+
+def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: Pools, finish: Any,
+                 finish_kwargs: dict[str, Any]) -> ray.data.Dataset:
+    """The part of the graph that ``dr2 restore`` and :func:`restore_dataset` share, from blocks of record rows
+    (:data:`pipeline.schema.ROW_SCHEMA`, extra columns ride along) on: re-block, detect, restore, then ``finish``
+    (compose, then write the run's parts, or give the dataset its columns back) as a CPU task. Pools, batching and
+    failure bounds are set here only."""
     # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size (128 MiB): a read
     # task's output (a group, or one shard of thousands of rows) would travel as ONE block. Cut back to rows_per_block.
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
@@ -325,14 +353,38 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
         **actor_args,
     )
     ds = ds.map_batches(
-        write_block_batch,  # type: ignore[arg-type]  # extra arguments come through fn_kwargs
-        fn_kwargs={"cfg": cfg, "model_info": model_info, "config_hash": config_hash, "kind": next(iter(kinds)).value},
+        finish,
+        fn_kwargs=finish_kwargs,
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=TASK_CPUS,
         max_retries=MAX_RETRIES,
     )
     return ds
+
+
+def restore_dataset_graph(ds: ray.data.Dataset, cfg: PipelineConfig, model_info: dict[str, Any], *,
+                          image_column: str, key_column: str | None, output_column: str,
+                          metadata_column: str) -> ray.data.Dataset:
+    """A user's dataset through the same stages as ``dr2 restore``: its batches become record rows (its own columns
+    riding along), :func:`_face_stages` detects and restores, and the last task composes and gives the rows back with
+    the restored image and the metadata added (:mod:`pipeline.dataset`). Lazy, like any Ray Data transform; the
+    public face is :func:`pipeline.api.restore_dataset`."""
+    from pipeline.dataset import finish_batch, rows_from_batch
+
+    if not ray.is_initialized():  # what Ray Data does on a dataset's first use; the pools need the cluster's shape
+        # the cluster at --address / RAY_ADDRESS, else a new local Ray (never a stale one: see init_ray)
+        ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS") or "local")
+    with warnings.catch_warnings():  # as in build_dataset: the retry/restart limits go through **ray_remote_args
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        pools = cluster_pools(cfg)
+        ds = ds.map_batches(
+            rows_from_batch,  # type: ignore[arg-type]  # arguments come through fn_kwargs
+            fn_kwargs={"image_column": image_column, "key_column": key_column},
+            batch_size=cfg.rows_per_block, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
+        return _face_stages(ds, cfg, None, pools, finish_batch,
+                            {"cfg": cfg, "model_info": model_info, "image_column": image_column,
+                             "output_column": output_column, "metadata_column": metadata_column})
 
 
 def cluster_pools(cfg: PipelineConfig) -> Pools:
@@ -445,7 +497,7 @@ def remote_call(fn: Any, *args: Any, **kwargs: Any) -> ray.ObjectRef:
     function is made once per ``fn``: making it anew per call costs the driver milliseconds (pickling, export)."""
     remote = _REMOTE.get(fn)
     if remote is None:
-        remote = _REMOTE[fn] = ray.remote(num_cpus=0.25, max_retries=MAX_RETRIES)(fn)
+        remote = _REMOTE[fn] = ray.remote(num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)(fn)
     return remote.remote(*args, **kwargs)
 
 

@@ -294,6 +294,21 @@ ADAPTIVE_SETTINGS: dict[str, tuple[int, int]] = {
 """(N, tau) per degradation verdict under ``adaptive``: the presets of the same names."""
 
 
+def with_preset(config: PipelineConfig | None = None, preset: str | None = None, **overrides: Any) -> PipelineConfig:
+    """``config`` (default: the defaults) with ``preset``'s fields and then ``overrides`` applied, as ``dr2 restore``
+    resolves ``--preset`` and explicit options: a preset sets N/tau (or ``adaptive``), an explicit value wins.
+
+    >>> with_preset(preset="severe", tau=10).N, with_preset(preset="severe", tau=10).tau
+    (16, 10)
+    """
+    fields = {**(load_preset(preset) if preset else {}), **overrides}
+    if config is None:
+        return PipelineConfig.from_dict(fields)
+    names = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    check_known_keys(PipelineConfig, fields)
+    return dataclasses.replace(config, **{k: _coerce(names[k], v) for k, v in fields.items()})
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace, UTF-8) of a JSON-able config mapping."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

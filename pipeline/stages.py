@@ -652,16 +652,13 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
     options = cfg.storage_options()
     unit_names = _column(table, S.UNIT)
     index = table.column(S.INDEX).to_numpy()
-    keys, members = _column(table, S.KEY), _column(table, S.IMAGE_MEMBER)
+    keys = _column(table, S.KEY)
     faces, notes = _column(table, S.FACES), _column(table, S.NOTES)
     summaries: list[dict[str, Any]] = []
     for name, first, run in _runs(unit_names, index):
         unit = Unit(name=name, kind=kind, source="")  # staging and output names need only kind and name
         t0 = time.perf_counter()
-        quality, sheet = _judge_faces(table, run, composed, cfg)
-        metas = [sample_metadata(key=keys[r], status=status[r], error=error[r], image_member=members[r], faces=faces[r],
-                                 timings=timings[r], cfg=cfg, model_info=model_info, notes=notes[r],
-                                 quality=quality.get(r)) for r in run]
+        metas, quality, sheet = rows_metadata(table, run, composed, cfg, model_info)
         skip = cfg.skipped_statuses
         kept = [(r, m) for r, m in zip(run, metas, strict=True) if status[r] not in skip]
         if unit.kind is UnitKind.SHARD:
@@ -698,6 +695,26 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
                           "verdicts": [], "skipped": 0, "saved_s": 0.0, "written": 0,
                           "sheet": None, "non_ok": None})
     return pa.Table.from_pylist(summaries, schema=S.SUMMARY_SCHEMA)
+
+
+def rows_metadata(table: pa.Table, rows: list[int], composed: Composed, cfg: PipelineConfig,
+                  model_info: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]],
+                                                      list[dict[str, Any]]]:
+    """After :func:`compose_block`: the ``dr2.json`` of each of ``rows`` (:func:`sample_metadata`, with the quality
+    measures of its restored faces), the quality per row, and the report's contact-sheet entries (``cfg.report``).
+    The one place a sample's metadata is made: the run's writer and the Python API (``pipeline/api.py``) call it."""
+    quality, sheet = _judge_faces(table, rows, composed, cfg)
+    keys, members = _column(table, S.KEY), _column(table, S.IMAGE_MEMBER)
+    faces, notes = _column(table, S.FACES), _column(table, S.NOTES)
+    metas = [sample_metadata(key=keys[r], status=composed.status[r], error=composed.error[r], image_member=members[r],
+                             faces=faces[r], timings=composed.timings[r], cfg=cfg, model_info=model_info,
+                             notes=notes[r], quality=quality.get(r)) for r in rows]
+    return metas, quality, sheet
+
+
+def metadata_member(meta: dict[str, Any]) -> bytes:
+    """The bytes of a sample's ``dr2.json`` member, as every output holds them (sorted keys, indent 1)."""
+    return json.dumps(meta, sort_keys=True, indent=1).encode()
 
 
 NON_OK_PER_PART = 50  # the report lists non-ok samples; the driver keeps a bounded number of them
@@ -786,7 +803,7 @@ def _output_samples(table: pa.Table, run: list[int], output: list[bytes | None],
         if image_member and image_member not in names:
             image: Any = output[r] if output[r] is not None else image_col[r].as_py()
             members.insert(0, (str(image_member), bytes(image)))
-        members.append((METADATA_MEMBER, json.dumps(meta, sort_keys=True, indent=1).encode()))
+        members.append((METADATA_MEMBER, metadata_member(meta)))
         samples.append(Sample(key=key_col[r].as_py(), members=members))
     return samples
 
