@@ -188,3 +188,14 @@ def test_huggingface_datasets_and_pyarrow_read_our_outputs(
     assert ds.num_rows == 3 and ds["__key__"] == ["k0", "k1", "k2"]
     assert [m["status"] for m in ds["dr2.json"]] == ["no_face", "no_face", "no_face"]  # parsed to dicts
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_image_column_enters_the_config_hash_only_when_set() -> None:
+    """Left at its default, the new field leaves every config hash as it was: DSTs made before it keep resuming."""
+    from pipeline.config import config_hash
+    from pipeline.degradation import ESTIMATOR_VERSION
+
+    base = PipelineConfig()
+    before = {k: v for k, v in base.to_dict().items() if k not in base.EXECUTION_FIELDS and k != "image_column"}
+    assert base.output_hash({}) == config_hash({"config": before, "models": {}, "estimator": ESTIMATOR_VERSION})
+    assert PipelineConfig(image_column="jpg").output_hash({}) != base.output_hash({})
