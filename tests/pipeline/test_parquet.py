@@ -199,3 +199,40 @@ def test_image_column_enters_the_config_hash_only_when_set() -> None:
     before = {k: v for k, v in base.to_dict().items() if k not in base.EXECUTION_FIELDS and k != "image_column"}
     assert base.output_hash({}) == config_hash({"config": before, "models": {}, "estimator": ESTIMATOR_VERSION})
     assert PipelineConfig(image_column="jpg").output_hash({}) != base.output_hash({})
+
+
+def measure_peak(root: str, groups: int) -> None:
+    """(run in a fresh process) Write a parquet file of ``groups`` row groups of 10 MB, then read, stage and commit
+    it; print the peak RSS growth of the read and commit in MiB."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("txt", pa.string())])
+    os.makedirs(f"{root}/in", exist_ok=True)
+    with pq.ParquetWriter(f"{root}/in/big.parquet", schema) as w:
+        for g in range(groups):
+            images = pa.array([rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes() for _ in range(100)])
+            w.write_table(pa.table({"key": [f"{g}-{i}" for i in range(100)], "jpg": images, "txt": ["t"] * 100},
+                                   schema=schema))
+            del images
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = cfg_for(f"{root}/in", f"{root}/out")
+    (unit,) = format_of(UnitKind.PARQUET).list_units(cfg)
+    restore_unit(unit, cfg, None)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+
+
+@pytest.mark.slow
+def test_a_large_file_is_read_and_committed_in_bounded_memory(tmp_path: Path) -> None:
+    """A 380 MiB file (40 row groups) costs about one block and a row group of memory, not the file (reading it with
+    one ``iter_batches`` over the file held ~520 MiB more)."""
+    import subprocess
+    import sys
+
+    code = f"from tests.pipeline.test_parquet import measure_peak; measure_peak({str(tmp_path)!r}, 40)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONPATH": str(
+                             Path(__file__).resolve().parents[2])})
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert growth < 250, f"peak RSS grew by {growth} MiB for a 380 MiB file"
+    assert pq.ParquetFile(tmp_path / "out" / "big.parquet").metadata.num_row_groups == 40
