@@ -1,9 +1,10 @@
 """``dr2 check-output DST``: verify a finished destination against its commit markers.
 
-For every ``.stats.json`` marker under DST (shards beside their outputs, image chunks under ``_dr2/manifests``):
-the output exists, has the size and sha256 the marker records, and holds the recorded number of samples (tar
-samples read back with the project's reader, or manifest lines). Also reported: ``.tar`` outputs without a
-marker (never committed, or not ours) and any staging left under ``_dr2_staging``. Nothing is modified.
+For every ``.stats.json`` marker under DST (shards and parquet files beside their outputs, image chunks under
+``_dr2/manifests``): the output exists, has the size and sha256 the marker records, and holds the recorded number of
+samples, counted by the unit's format (tar samples read back with the project's reader, parquet rows, manifest
+lines). Also reported: ``.tar`` and ``.parquet`` outputs without a marker (never committed, or not ours) and any
+staging left under ``_dr2_staging``. Nothing is modified.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.formats import FORMATS, Format
 from pipeline.storage import StorageOptions
-from pipeline.units import MANIFEST_DIR, MARKER_SUFFIX, STAGING_DIR
-from pipeline.wds import ShardReadError, iter_tar_samples
+from pipeline.units import MANIFEST_DIR, MARKER_SUFFIX, STAGING_DIR, Unit, UnitKind
+from pipeline.wds import ShardReadError
+
+OUTPUT_SUFFIXES = tuple(s for f in FORMATS.values() for s in f.output_suffixes)
 
 
 @dataclass(frozen=True)
@@ -49,21 +53,27 @@ def check_output(dst: str, *, options: StorageOptions | None = None) -> list[Che
             checks.append(Check(rel, None, None, f"marker is not JSON: {e}"))
             continue
         name = str(marker.get("unit") or marker.get("shard") or rel)
-        chunk = rel.startswith(MANIFEST_DIR + "/")
-        out_rel = f"{MANIFEST_DIR}/{name}.jsonl" if chunk else name
-        out_uri = root + out_rel
+        fmt = FORMATS[_kind(marker, rel, name)]
+        out_uri = fmt.output_uri(Unit(name=name, kind=fmt.kind, source=""), root.rstrip("/"))
         covered.add(out_uri)
-        checks.append(_check_unit(name, out_uri, listing.get(out_uri), marker, chunk, options))
+        checks.append(_check_unit(name, out_uri, listing.get(out_uri), marker, fmt, options))
     for uri in sorted(listing):
         rel = uri[len(root):]
         if rel.startswith(STAGING_DIR + "/"):
             checks.append(Check(rel, None, listing[uri].size, "staging left behind (a run was interrupted: rerun it)"))
-        elif rel.endswith(".tar") and uri not in covered:
+        elif rel.endswith(OUTPUT_SUFFIXES) and uri not in covered:
             checks.append(Check(rel, None, listing[uri].size, "no marker: never committed (or not written by dr2)"))
     return checks
 
 
-def _check_unit(name: str, out_uri: str, listed: storage.ObjectInfo | None, marker: dict[str, object], chunk: bool,
+def _kind(marker: dict[str, object], rel: str, name: str) -> UnitKind:
+    """The marker's unit kind: recorded in it (``format``), else (markers written before parquet) by where it lies."""
+    if marker.get("format") in {k.value for k in UnitKind}:
+        return UnitKind(str(marker["format"]))
+    return UnitKind.IMAGES if rel.startswith(MANIFEST_DIR + "/") else UnitKind.SHARD
+
+
+def _check_unit(name: str, out_uri: str, listed: storage.ObjectInfo | None, marker: dict[str, object], fmt: Format,
                 options: StorageOptions | None) -> Check:
     # samples left out by --skip-status are counted in the stats but not written
     want_count = marker.get("written", marker.get("count", marker.get("samples")))
@@ -74,12 +84,11 @@ def _check_unit(name: str, out_uri: str, listed: storage.ObjectInfo | None, mark
     if marker.get("sha256") and storage.sha256_of(out_uri, options=options) != marker["sha256"]:
         return Check(name, None, listed.size, "sha256 differs from the marker's")
     try:
-        if chunk:
-            count = len(storage.read_bytes(out_uri, options=options).splitlines())
-        else:
-            count = sum(1 for _ in iter_tar_samples(out_uri, options=options))
+        count = fmt.count_output(out_uri, options)
     except ShardReadError as e:
         return Check(name, None, listed.size, f"unreadable: {e.reason}")
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: not a parquet file
+        return Check(name, None, listed.size, f"unreadable: {e}")
     if want_count is not None and count != want_count:
         return Check(name, count, listed.size, f"{count} samples, marker says {want_count}")
     return Check(name, count, listed.size)

@@ -164,7 +164,7 @@ def measure_sample(cfg: PipelineConfig, units: Sequence[Unit], max_images: int) 
                         _add(out, summaries.to_pylist())
                 unit_rows += int((block.column(S.INDEX).to_numpy() >= 0).sum())
                 unit_bytes += _tar_bytes(block)
-            if unit.kind is UnitKind.SHARD and unit_rows:
+            if unit.kind is not UnitKind.IMAGES and unit_rows:  # files (tars, parquet): rows per input byte
                 out.input_bytes += unit_bytes
                 out.rows += unit_rows
         out.wall_s = time.perf_counter() - t_all

@@ -24,21 +24,19 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline import schema as S
 from pipeline import shards, storage
 from pipeline.config import InputFormat, PipelineConfig
+from pipeline.formats import AUTO_ORDER, format_of
 from pipeline.shards import ShardCommitError
-from pipeline.sources import IMAGE_SUFFIXES, expand_source_objects, list_image_inputs
-from pipeline.units import Unit, UnitKind, image_chunks, shard_unit
+from pipeline.sources import IMAGE_SUFFIXES
+from pipeline.units import Unit, UnitKind
 
 log = logging.getLogger(__name__)
 
@@ -147,62 +145,23 @@ def _in_verdict_order(counts: Counter[str]) -> list[tuple[str, int]]:
 # --------------------------------------------------------------------------------------------- planning
 
 
-def _common_dir(uris: Sequence[str]) -> str:
-    dirs = [u.rsplit("/", 1)[0] for u in uris]
-    if any(storage.is_s3(d) for d in dirs):
-        parts = [d.split("/") for d in dirs]
-        common = []
-        for segs in zip(*parts, strict=False):
-            if len(set(segs)) != 1:
-                break
-            common.append(segs[0])
-        return "/".join(common)
-    return posixpath.commonpath(dirs)
-
-
-def _inside(path: str, root: str) -> bool:
-    """Whether ``path`` lies in ``root`` (by path components, not by string prefix)."""
-    if storage.is_s3(path) != storage.is_s3(root):
-        return False
-    if storage.is_s3(path):
-        return (path.rstrip("/") + "/").startswith(root.rstrip("/") + "/")
-    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(root)))
-
-
 def plan_units(cfg: PipelineConfig) -> list[Unit]:
-    """The units of SRC: one per .tar shard, else stable chunks of plain images (see :func:`image_layout`)."""
-    fmt = cfg.input_format
-    options = cfg.storage_options()
-    tars = expand_source_objects(cfg.src, options=options) if fmt in (InputFormat.AUTO, InputFormat.WEBDATASET) else []
-    inside = [o.uri for o in tars if _inside(o.uri, cfg.dst)]
-    if inside:
-        raise ValueError(f"SRC matches files inside DST ({inside[0]}): outputs would be read back as inputs. "
-                         "Choose a DST outside SRC.")
-    if tars:
-        root = _common_dir([o.uri for o in tars])
-        return [shard_unit(o.uri[len(root):].lstrip("/"), o) for o in tars]
-    if fmt is InputFormat.WEBDATASET:
-        raise FileNotFoundError(f"no .tar shards match {cfg.src!r}")
-    if _inside(cfg.dst, cfg.src):
-        raise ValueError(f"DST {cfg.dst} lies inside SRC {cfg.src}: outputs would be read back as inputs")
-    images, refused = list_image_inputs(cfg.src, IMAGE_SUFFIXES, options=options)
-    if not images and not refused:
-        raise FileNotFoundError(f"no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.src!r}")
-    return image_chunks(cfg.src, images, image_layout(cfg, len(images))["chunks"], refused)
+    """The units of SRC, listed by the format ``--input-format`` names; ``auto`` asks the formats in
+    :data:`pipeline.formats.AUTO_ORDER` (tar shards, parquet files, plain images) and takes the first that finds
+    any."""
+    kinds = AUTO_ORDER if cfg.input_format is InputFormat.AUTO else (INPUT_KINDS[cfg.input_format],)
+    for kind in kinds:
+        units = format_of(kind).list_units(cfg)
+        if units:
+            return units
+    if cfg.input_format is InputFormat.AUTO:
+        raise FileNotFoundError(f"no .tar shards, no .parquet files and no images ({', '.join(IMAGE_SUFFIXES)}) "
+                                f"under {cfg.src!r}")
+    raise FileNotFoundError(f"no {cfg.input_format.value} input matches {cfg.src!r}")
 
 
-LAYOUT_FILE = "_dr2/layout.json"
-
-
-def image_layout(cfg: PipelineConfig, n_images: int) -> dict[str, int]:
-    """How many chunks plain images are hashed into: fixed the first time DST sees this source (recorded in
-    ``DST/_dr2/layout.json`` by the run), so that a growing folder keeps every image in its chunk."""
-    try:
-        layout: dict[str, int] = json.loads(storage.read_bytes(storage.join(cfg.dst, LAYOUT_FILE),
-                                                               options=cfg.storage_options()))
-        return layout
-    except FileNotFoundError:
-        return {"chunks": max(1, -(-n_images // max(1, cfg.images_per_chunk)))}
+INPUT_KINDS = {InputFormat.WEBDATASET: UnitKind.SHARD, InputFormat.PARQUET: UnitKind.PARQUET,
+               InputFormat.IMAGES: UnitKind.IMAGES}
 
 
 def select_todo(units: Sequence[Unit], cfg: PipelineConfig, config_hash: str, *, tidy: bool = False) -> list[Unit]:
@@ -305,10 +264,8 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                 "config_hash": config_hash}
     storage.write_bytes_atomic(storage.join(cfg.dst, CONFIG_FILE), json.dumps(resolved, indent=2).encode(),
                                options=options)
-    if units and units[0].kind is UnitKind.IMAGES and not storage.exists(storage.join(cfg.dst, LAYOUT_FILE),
-                                                                          options=options):
-        chunks = image_layout(cfg, sum(len(u.images) for u in units))
-        storage.write_json_atomic(storage.join(cfg.dst, LAYOUT_FILE), chunks, options=options)
+    if units:
+        units[0].format.prepare_dst(cfg, units)  # e.g. an image folder's chunk layout
     summary.plan_seconds = time.perf_counter() - t0
     if not todo:
         log.info("all %d units in %s are done; nothing to do (use --overwrite to redo)", len(units), cfg.dst)
@@ -421,7 +378,7 @@ TYPICAL_BYTES_PER_FACE = 150_000  # a web photo with one face: only to size the 
 def sheet_rate(cfg: PipelineConfig, units: Sequence[Unit]) -> int:
     """Per-1000 sampling rate of the contact sheet, so that about ``cfg.report_faces`` faces are kept whatever the
     archive's size; estimated from the input's bytes (the listing gives them) before any face is found."""
-    size = sum(u.size_hint[0] or 0 for u in units if u.kind is UnitKind.SHARD)
+    size = sum(u.size_hint[0] or 0 for u in units)
     faces = max(1, size // TYPICAL_BYTES_PER_FACE, sum(len(u.images) for u in units))
     return max(1, min(1000, -(-cfg.report_faces * 1000 // faces)))
 
@@ -534,8 +491,10 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str,
         "saved_s": round(sum(float(part.get("saved_s") or 0.0) for part in chain), 3),  # restorer time that saved
         "read_error": p.read_error,
         "input": p.unit.input,
-        "images": list(p.unit.images) if p.unit.kind is UnitKind.IMAGES else None,
-        "refused": [{"name": n, "reason": r} for n, r in p.unit.refused] if p.unit.kind is UnitKind.IMAGES else None,
+        "format": p.unit.kind.value,
+        "images": None,
+        "refused": None,
+        **p.unit.format.marker_fields(p.unit),  # a chunk's images and refused paths, a parquet file's image column
         "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},

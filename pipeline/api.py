@@ -141,9 +141,9 @@ class RestoredImage:
 
     @property
     def metadata_json(self) -> bytes:
-        from pipeline.stages import metadata_member
+        from pipeline.schema import dr2_json
 
-        return metadata_member(self.metadata)
+        return dr2_json(self.metadata)
 
     @cached_property
     def rgb(self) -> np.ndarray | None:

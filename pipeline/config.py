@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 
 class InputFormat(StrEnum):
-    AUTO = "auto"  # .tar shards if the source names any, else plain images
+    AUTO = "auto"  # .tar shards if the source names any, else .parquet files, else plain images
     WEBDATASET = "webdataset"
+    PARQUET = "parquet"
     IMAGES = "images"
 
 
@@ -52,9 +53,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's wo
 class PipelineConfig:
     """Everything a restoration run needs. Paper names: ``N`` (low-pass factor), ``tau`` (output step)."""
 
-    src: str = _f("", "input: .tar shards (path, glob, {000..009}, s3://) or a folder/prefix of images", cli=False)
+    src: str = _f("", "input: .tar shards or .parquet files (path, glob, {000..009}, s3://) or a folder/prefix of "
+                  "images", cli=False)
     dst: str = _f("", "output folder or s3:// prefix", cli=False)
     input_format: InputFormat = _f(InputFormat.AUTO, "what SRC holds")
+    image_column: str = _f("", "parquet: the column that holds the images (binary, or a {bytes, path} struct); "
+                               "empty: the first binary column named jpg/png/webp/image/img/..., else the first "
+                               "{bytes, path} struct, else the only binary column")
     # --- restoration ---
     restorer: RestorerKind = _f(RestorerKind.DR2, "face restorer")
     ddpm: str = _f("", "DR2 DDPM model dir or s3:// URI (made by `dr2 weights import`)")
@@ -158,6 +163,10 @@ class PipelineConfig:
         }
     )
 
+    # Fields added after outputs existed, hashed only when set: at their default they change no output, and leaving
+    # them out keeps the config hash, hence the resume of every DST made before them.
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"image_column": ""}
+
     def __post_init__(self) -> None:
         """Refuse DR2 settings the sampler would reject, before any Ray worker starts."""
         if self.N < 1 or self.N & (self.N - 1):
@@ -254,7 +263,8 @@ class PipelineConfig:
         """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
         from pipeline.degradation import ESTIMATOR_VERSION  # the verdicts (and so N/tau, skips) depend on it
 
-        relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS
+                    and not (k in self.HASHED_WHEN_SET and v == self.HASHED_WHEN_SET[k])}
         return config_hash({"config": relevant, "models": model_info, "estimator": ESTIMATOR_VERSION})
 
     @classmethod

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
-from pipeline.stages import block_table, compose_block, metadata_member, rows_metadata
+from pipeline.stages import block_table, compose_block, rows_metadata
 
 USER_PREFIX = "__dr2_user__."
 """The batch's own columns travel under this prefix, so that none can collide with the record's."""
@@ -161,6 +161,6 @@ def finish_batch(table: pa.Table, *, cfg: PipelineConfig, model_info: dict[str, 
     cols: dict[str, Any] = dict(user)
     cols[image_column] = with_bytes(user[image_column], image.combine_chunks())
     cols[output_column] = with_bytes(user[image_column], outputs)
-    cols[metadata_column] = pa.array([metadata_member(m).decode() for m in metas], pa.string())
+    cols[metadata_column] = pa.array([S.dr2_json(m).decode() for m in metas], pa.string())
     cols[metadata_column + STATUS_SUFFIX] = pa.array(composed.status, pa.string())
     return pa.table(cols)

@@ -39,7 +39,9 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
+from typing import Any
 
 import pyarrow as pa
 
@@ -193,3 +195,10 @@ class FaceSelect(StrEnum):
 
 def empty_timings() -> dict[str, float]:
     return dict.fromkeys(STAGES, 0.0)
+
+
+def dr2_json(meta: dict[str, Any]) -> bytes:
+    """A sample's metadata document as every output holds it: the ``dr2.json`` member of a tar sample, the ``dr2``
+    column of a parquet row or of :func:`pipeline.api.restore_dataset`, a :class:`pipeline.api.RestoredImage`'s
+    ``metadata_json`` (sorted keys, indent 1, UTF-8): one encoding, so one parser and one byte comparison serve all."""
+    return json.dumps(meta, sort_keys=True, indent=1).encode()

@@ -7,9 +7,10 @@ A unit's life:
    covers, the folder holds the unit's id and the config hash, and the bytes are deterministic, so a retried
    block overwrites the same name with the same bytes and nothing of another unit or config can be taken
    for it.
-2. The driver calls :func:`commit` once the parts cover every index: it streams them in index order into
-   ``unit.output_uri(dst)`` (atomically, never holding the unit in memory), closes it (tar end-of-archive
-   blocks for shards), writes ``unit.marker_uri(dst)`` LAST (the commit marker, with size and sha256), then
+2. The driver calls :func:`commit` once the parts cover every index: the unit's format streams them in index order
+   into ``unit.output_uri(dst)`` (atomically, never holding the unit in memory: tar parts concatenated and closed
+   with the end-of-archive blocks, parquet parts re-encoded row group by row group), then the commit writes
+   ``unit.marker_uri(dst)`` LAST (the commit marker, with size and sha256), then
    deletes the parts. A :class:`Committer` does this for the driver, in batches when units complete faster than
    one at a time (thousands of tiny shards): in the driver's threads where that is cheap, else as Ray tasks.
 3. :func:`unit_states` tells, for many units at once, which are ``done`` (same config hash, output present
@@ -20,7 +21,6 @@ A unit's life:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline import failpoints, storage
+from pipeline.formats.base import OutputSink
 from pipeline.storage import AtomicWriter, StorageOptions
 from pipeline.units import STAGING_DIR, Unit
-from pipeline.wds import tar_trailer
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,11 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     """Assemble the staged parts of ``unit`` into its output, mark it done, drop the parts.
 
     Checks that the parts cover indexes ``0..expected_count-1`` exactly once (overlapping retries are fine
-    when an exact cover exists; else :class:`ShardCommitError`), streams them in order into an
-    :class:`~pipeline.storage.AtomicWriter` followed by the unit's trailer, then writes the marker =
+    when an exact cover exists; else :class:`ShardCommitError`), has the unit's format assemble them in order into an
+    :class:`~pipeline.storage.AtomicWriter` (:meth:`pipeline.formats.base.Format.assemble`), then writes the marker =
     ``stats`` + ``unit``, ``output``, ``count``, ``bytes``, ``sha256``, ``parts``, ``config_hash``, and only
-    then deletes the parts. Returns the marker. Memory: one 8 MiB chunk (plus an S3 part buffer).
+    then deletes the parts. Returns the marker. Memory: one 8 MiB chunk, or one parquet row group (plus an S3 part
+    buffer).
 
     Idempotent: parts that no longer cover the unit while its marker is in place (same config hash, count and
     input, and an output of the recorded size) mean that an earlier attempt of this same commit got past its
@@ -182,25 +183,13 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
     failpoints.hit("commit.begin")
     final_uri = unit.output_uri(dst)
     storage.remove_stale_temps(final_uri)  # a commit killed mid-write left a full-size temp file here
-    digest = hashlib.sha256()
-    size = 0
     with AtomicWriter(final_uri, options=options) as out:
-        for _, _, uri in chain:
-            with storage.open_read(uri, options=options) as f:
-                while chunk := f.read(8 * storage.MiB):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                    failpoints.hit("commit.mid_output")
-        if unit.trailer == "tar":
-            tail = tar_trailer(size)
-            out.write(tail)
-            digest.update(tail)
-            size += len(tail)
+        sink = OutputSink(out)
+        unit.format.assemble(unit, [uri for _, _, uri in chain], expected_count, sink, options)
     failpoints.hit("commit.after_output")
     marker = dict(stats)
-    marker.update({"unit": unit.name, "output": final_uri, "count": expected_count, "bytes": size,
-                   "sha256": digest.hexdigest(), "parts": len(chain), "config_hash": config_hash,
+    marker.update({"unit": unit.name, "output": final_uri, "count": expected_count, "bytes": sink.size,
+                   "sha256": sink.digest.hexdigest(), "parts": len(chain), "config_hash": config_hash,
                    "input": unit.input})
     storage.write_json_atomic(unit.marker_uri(dst), marker, options=options)  # the commit point
     failpoints.hit("commit.after_marker")

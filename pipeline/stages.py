@@ -44,8 +44,9 @@ import pyarrow as pa
 from pipeline import failpoints, shards, storage
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
+from pipeline.formats.base import PartRows
 from pipeline.units import Unit, UnitKind
-from pipeline.wds import MemberNote, Sample, ShardReadError, encode_tar_part, iter_tar_samples, pick_image_member
+from pipeline.wds import MemberNote
 
 if TYPE_CHECKING:
     from dr2.restorer import FaceRestorer
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-METADATA_MEMBER = "dr2.json"
 FACE_SIZE = 512  # the aligned-face size (dr2.restorer.FACE_SIZE), here without importing torch
 
 
@@ -173,14 +173,6 @@ class _BlockBuilder:
         return table
 
 
-def _sample_fields(sample: Sample) -> tuple[str | None, bytes | None, list[tuple[str, bytes]]]:
-    """(image member, image bytes, members with the image slot emptied): the image's bytes travel once."""
-    member = pick_image_member(sample.members)
-    image = next((d for name, d in sample.members if name == member), None) if member else None
-    members = [(name, b"" if name == member else d) for name, d in sample.members]
-    return member, image, members
-
-
 def read_unit(unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     """Blocks of one unit's rows, in input order; the last block ends with the unit's end row."""
     return read_units([unit], cfg)
@@ -193,9 +185,9 @@ def read_units(units: Sequence[Unit], cfg: PipelineConfig) -> Iterator[pa.Table]
     A unit that cannot be read at all (storage refuses, the object vanished) ends with an end row of size -1
     whose ``error`` says why: the driver records the unit as failed and goes on with the others.
 
-    A shard that breaks off (truncated or corrupt tar) yields the samples before the cut, then the
-    interrupted sample (status ``truncated``, with the members that were read); the end row's ``error`` says
-    what happened and the unit's stats record it. Unreadable storage raises.
+    The unit's format reads its rows (:meth:`pipeline.formats.base.Format.read`). A shard that breaks off (truncated
+    or corrupt tar) yields the samples before the cut, then the interrupted sample (status ``truncated``, with the
+    members that were read); the end row's ``error`` says what happened and the unit's stats record it.
     """
     block = _BlockBuilder(cfg)
     for unit in units:
@@ -206,39 +198,22 @@ def read_units(units: Sequence[Unit], cfg: PipelineConfig) -> Iterator[pa.Table]
 
 def _read_into(block: _BlockBuilder, unit: Unit, cfg: PipelineConfig) -> Iterator[pa.Table]:
     """Add ``unit``'s rows and then its end row to ``block``, yielding each block that fills up on the way."""
-    options = cfg.storage_options()
     pending = S.Status.PENDING.value
     n, error, t0 = 0, "", time.perf_counter()
     unit_notes: list[MemberNote] = []
     try:
-        if unit.kind is UnitKind.IMAGES:  # the key is the relative path
-            for n, rel in enumerate(unit.images):
-                suffix = rel.rsplit(".", 1)[-1].lower()
-                data = storage.read_bytes(storage.join(unit.source, rel), options=options)
-                block.add(key=rel, unit=unit.name, index=n, image_member=suffix, image=data, members=[],
-                          status=pending, error="")
-                if block.full:
-                    yield block.take()
-            n = len(unit.images)
-        else:
+        rows = unit.format.read(unit, cfg, unit_notes)
+        while True:
             try:
-                for sample in iter_tar_samples(unit.source, options=options, on_note=unit_notes.append):
-                    member, image, members = _sample_fields(sample)
-                    block.add(key=sample.key, unit=unit.name, index=n, image_member=member, image=image,
-                              members=members, status=pending if image is not None else S.Status.NO_IMAGE.value,
-                              error="" if image is not None else "sample has no image member", notes=sample.notes)
-                    n += 1
-                    if block.full:
-                        yield block.take()
-            except ShardReadError as e:
-                log.warning("shard %s: %s", unit.source, e)
-                error = str(e)
-                if e.partial is not None:
-                    member, image, members = _sample_fields(e.partial)
-                    block.add(key=e.partial.key, unit=unit.name, index=n, image_member=member, image=image,
-                              members=members, status=S.Status.TRUNCATED.value,
-                              error=f"sample cut off by a damaged shard: {e.reason}", notes=e.partial.notes)
-                    n += 1
+                row = next(rows)
+            except StopIteration as done:  # the format's account of how reading ended
+                error = done.value or ""
+                break
+            block.add(key=row.key, unit=unit.name, index=n, image_member=row.image_member, image=row.image,
+                      members=row.members, status=row.status, error=row.error, notes=row.notes)
+            n += 1
+            if block.full:
+                yield block.take()
     except Exception as e:  # noqa: BLE001 - one unreadable unit must not stop the others: the driver records it
         log.warning("unit %s cannot be read: %s", unit.name, e, exc_info=True)
         n, error = -1, f"cannot read {unit.source}: {error_text(e)}"
@@ -645,8 +620,9 @@ def _runs(units: list[str], index: np.ndarray) -> list[tuple[str, int, list[int]
 
 def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
                 kind: UnitKind) -> pa.Table:
-    """Compose, then stage one part per run of consecutive indexes (normally one per block): a tar part for a
-    shard, or the images plus a manifest part for a chunk. Returns the summary rows the driver needs."""
+    """Compose, then stage one part per run of consecutive indexes (normally one per block), encoded by the unit's
+    format (a tar part, the images plus a manifest part, a parquet part). Returns the summary rows the driver
+    needs."""
     composed = compose_block(table, cfg)
     status, error, output, timings = composed.status, composed.error, composed.output, composed.timings
     options = cfg.storage_options()
@@ -656,15 +632,12 @@ def write_block(table: pa.Table, cfg: PipelineConfig, model_info: dict[str, Any]
     faces, notes = _column(table, S.FACES), _column(table, S.NOTES)
     summaries: list[dict[str, Any]] = []
     for name, first, run in _runs(unit_names, index):
-        unit = Unit(name=name, kind=kind, source="")  # staging and output names need only kind and name
+        unit = Unit(name=name, kind=kind, source="")  # staging names and the part's encoding need only kind and name
         t0 = time.perf_counter()
         metas, quality, sheet = rows_metadata(table, run, composed, cfg, model_info)
-        skip = cfg.skipped_statuses
-        kept = [(r, m) for r, m in zip(run, metas, strict=True) if status[r] not in skip]
-        if unit.kind is UnitKind.SHARD:
-            data = encode_tar_part(_output_samples(table, [r for r, _ in kept], output, [m for _, m in kept]))
-        else:
-            data = _write_images(unit, cfg.dst, table, run, output, metas, options, skip)
+        rows = PartRows(table, run, output, metas, cfg.skipped_statuses)
+        kept = rows.kept()
+        data = unit.format.encode_part(unit, cfg.dst, rows, options)
         shards.write_part(unit, cfg.dst, config_hash, first, len(run), data, options=options)
         per_row = (time.perf_counter() - t0) / len(run)
         seconds = S.empty_timings()
@@ -710,11 +683,6 @@ def rows_metadata(table: pa.Table, rows: list[int], composed: Composed, cfg: Pip
                              faces=faces[r], timings=composed.timings[r], cfg=cfg, model_info=model_info,
                              notes=notes[r], quality=quality.get(r)) for r in rows]
     return metas, quality, sheet
-
-
-def metadata_member(meta: dict[str, Any]) -> bytes:
-    """The bytes of a sample's ``dr2.json`` member, as every output holds them (sorted keys, indent 1)."""
-    return json.dumps(meta, sort_keys=True, indent=1).encode()
 
 
 NON_OK_PER_PART = 50  # the report lists non-ok samples; the driver keeps a bounded number of them
@@ -780,50 +748,6 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
                                                            report.face_entry_id(unit, key, j), images)
                 sheet.append(entry)
     return quality, sheet
-
-
-def _output_samples(table: pa.Table, run: list[int], output: list[bytes | None],
-                    metas: list[dict[str, Any]]) -> list[Sample]:
-    """The output samples of finished rows: members in input order, byte for byte, the image member's slot
-    holding the output (else the input image), any earlier ``dr2.json`` replaced by this run's, appended last."""
-    names_col, data_col = table.column(S.MEMBER_NAMES), table.column(S.MEMBER_DATA)
-    image_col, member_col, key_col = table.column(S.IMAGE), table.column(S.IMAGE_MEMBER), table.column(S.KEY)
-    samples = []
-    for r, meta in zip(run, metas, strict=True):
-        names = names_col[r].as_py() or []
-        datas = data_col[r].as_py() or []
-        image_member = member_col[r].as_py()
-        members: list[tuple[str, bytes]] = []
-        for name, data in zip(names, datas, strict=True):
-            if name == METADATA_MEMBER:  # a reprocessed output: this run's metadata replaces it
-                continue
-            if image_member and name == image_member:
-                data = output[r] if output[r] is not None else image_col[r].as_py()
-            members.append((name, data))
-        if image_member and image_member not in names:
-            image: Any = output[r] if output[r] is not None else image_col[r].as_py()
-            members.insert(0, (str(image_member), bytes(image)))
-        members.append((METADATA_MEMBER, metadata_member(meta)))
-        samples.append(Sample(key=key_col[r].as_py(), members=members))
-    return samples
-
-
-def _write_images(unit: Unit, dst: str, table: pa.Table, run: list[int], output: list[bytes | None],
-                  metas: list[dict[str, Any]], options: storage.StorageOptions,
-                  skip: frozenset[str] = frozenset()) -> bytes:
-    """Write each image of a chunk's run to ``DST/<relative path>`` (atomic, idempotent); return the run's manifest
-    lines (the sample's ``dr2.json`` fields plus where it sits), to be staged AFTER the images, so that a
-    committed manifest only names written files."""
-    image_col = table.column(S.IMAGE)
-    index = table.column(S.INDEX)
-    lines = []
-    for r, meta in zip(run, metas, strict=True):
-        data = output[r] if output[r] is not None else image_col[r].as_py()
-        if data is not None and meta["status"] not in skip:
-            storage.write_bytes_atomic(storage.join(dst, meta["key"]), data, options=options)
-        line = {**meta, S.UNIT: unit.name, S.INDEX: index[r].as_py()}
-        lines.append(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
-    return "".join(lines).encode()
 
 
 # --------------------------------------------------------------------------------------------- Ray classes

@@ -1,15 +1,16 @@
-"""The unit of work, stats and resume: an input shard, or a chunk of plain images (STYLE rule 8).
+"""The unit of work, stats and resume: an input shard or parquet file, or a chunk of plain images (STYLE rule 8).
 
-A :class:`Unit` knows everything about where its data lives, so no other module builds these names:
+A :class:`Unit` is what travels (to Ray tasks, into markers); its ``kind`` names its format
+(:mod:`pipeline.formats`), which owns how it is read, staged and committed. Through it a unit knows where its data
+lives, so no other module builds these names:
 
-* ``output_uri``: the final object (``DST/<shard name>``, or the chunk's JSONL manifest under
+* ``output_uri``: the final object (``DST/<shard name>``, ``DST/<parquet name>``, or the chunk's JSONL manifest under
   ``DST/_dr2/manifests/``);
 * ``marker_uri``: the ``.stats.json`` written LAST, the commit marker a rerun checks;
 * ``staging_uri``: where its parts wait for the commit, ``DST/_dr2_staging/<id>-<config hash>/``. The id is
   flat (a readable slug plus a hash of the unit's kind and name), so two units never share or nest a staging
   tree (``a.tar`` and ``a/b.tar`` stage apart), and the config hash keeps parts of runs with different
-  configs apart;
-* ``trailer``: how the parts are closed when assembled (the tar end-of-archive blocks, or nothing for JSONL).
+  configs apart.
 
 Small units travel together: :func:`read_groups` puts consecutive small units into one read task, so that an
 archive of thousands of tiny shards costs a few Ray tasks and blocks, not several per shard. Each unit keeps its
@@ -24,10 +25,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.wds import escape_name
+
+if TYPE_CHECKING:
+    from pipeline.formats.base import Format
 
 STAGING_DIR = "_dr2_staging"
 MANIFEST_DIR = "_dr2/manifests"
@@ -38,6 +42,7 @@ CHUNK_PREFIX = "chunk-"
 class UnitKind(StrEnum):
     SHARD = "shard"  # one input .tar -> one output .tar of the same name
     IMAGES = "images"  # a chunk of plain images -> the images at their relative paths + a JSONL manifest
+    PARQUET = "parquet"  # one input .parquet -> one output .parquet of the same name, a dr2 column added
 
 
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
@@ -60,6 +65,16 @@ class Unit:
     refused: tuple[tuple[str, str], ...] = ()
     """(chunks only) Image paths of this chunk that are not inputs, each escaped as valid UTF-8 with its reason
     (:func:`pipeline.sources.list_image_inputs`): recorded in the chunk's marker, so nothing is dropped unsaid."""
+    column: str = ""
+    """(parquet only) The image column named by ``--image-column``; empty: found in each file's schema by
+    :func:`pipeline.formats.parquet.image_column`, the same rule when reading and when committing."""
+
+    @property
+    def format(self) -> Format:
+        """The format that reads, stages and commits this unit."""
+        from pipeline.formats import format_of
+
+        return format_of(self.kind)
 
     @property
     def id(self) -> str:
@@ -72,19 +87,11 @@ class Unit:
     def stem(self) -> str:
         return self.name.removesuffix(".tar")
 
-    @property
-    def trailer(self) -> Literal["tar", "none"]:
-        return "tar" if self.kind is UnitKind.SHARD else "none"
-
     def output_uri(self, dst: str) -> str:
-        if self.kind is UnitKind.SHARD:
-            return storage.join(dst, self.name)
-        return storage.join(dst, MANIFEST_DIR, self.name + ".jsonl")
+        return self.format.output_uri(self, dst)
 
     def marker_uri(self, dst: str) -> str:
-        if self.kind is UnitKind.SHARD:
-            return storage.join(dst, self.stem + MARKER_SUFFIX)
-        return storage.join(dst, MANIFEST_DIR, self.name + MARKER_SUFFIX)
+        return self.format.marker_uri(self, dst)
 
     def staging_uri(self, dst: str, config_hash: str) -> str:
         """The unit's staging folder for one config, with a trailing ``/`` (so listing it matches nothing else)."""
@@ -92,23 +99,21 @@ class Unit:
 
     @property
     def size_hint(self) -> tuple[int | None, int | None]:
-        """(input bytes, rows) as far as planning knows them: a shard's listed size (its rows are unknown until
+        """(input bytes, rows) as far as planning knows them: a file's listed size (its rows are unknown until
         read), a chunk's image count (plus its end row; the images' bytes are not kept). None where unknown."""
-        if self.kind is UnitKind.IMAGES:
-            return None, len(self.images) + 1
-        size, sep, _ = self.input.partition(":")
-        return (int(size), None) if sep and size.isdigit() else (None, None)
+        return self.format.size_hint(self)
 
     def to_item(self) -> dict[str, Any]:
         """A plain dict for Ray's ``from_items`` (one row per unit)."""
         return {"name": self.name, "kind": self.kind.value, "source": self.source, "images": list(self.images),
-                "input": self.input, "refused": [list(r) for r in self.refused]}
+                "input": self.input, "refused": [list(r) for r in self.refused], "column": self.column}
 
     @staticmethod
     def from_item(item: dict[str, Any]) -> Unit:
         return Unit(name=str(item["name"]), kind=UnitKind(item["kind"]), source=str(item["source"]),
                     images=tuple(str(x) for x in (item.get("images") or ())), input=str(item.get("input") or ""),
-                    refused=tuple((str(n), str(r)) for n, r in (item.get("refused") or ())))
+                    refused=tuple((str(n), str(r)) for n, r in (item.get("refused") or ())),
+                    column=str(item.get("column") or ""))
 
 
 MIN_READ_GROUPS = 16
@@ -148,13 +153,13 @@ def chunk_name(n: int) -> str:
     return f"{CHUNK_PREFIX}{n:06d}"
 
 
-def shard_unit(name: str, info: storage.ObjectInfo) -> Unit:
-    """The unit of one input shard; ``name`` its path relative to the source root, refused when it would
-    leave DST (absolute, or ``..`` after normalising: an S3 key may hold ``a/../../x.tar``)."""
+def shard_unit(name: str, info: storage.ObjectInfo, *, kind: UnitKind = UnitKind.SHARD, column: str = "") -> Unit:
+    """The unit of one input file (a shard, a parquet file); ``name`` its path relative to the source root, refused
+    when it would leave DST (absolute, or ``..`` after normalising: an S3 key may hold ``a/../../x.tar``)."""
     norm = posixpath.normpath(name)
     if norm.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in norm or "\0" in norm:
-        raise ValueError(f"shard {info.uri!r} would be written outside DST as {name!r}: rename it")
-    return Unit(name=norm, kind=UnitKind.SHARD, source=info.uri, input=f"{info.size}:{info.version}")
+        raise ValueError(f"{kind.value} {info.uri!r} would be written outside DST as {name!r}: rename it")
+    return Unit(name=norm, kind=kind, source=info.uri, input=f"{info.size}:{info.version}", column=column)
 
 
 def chunk_of(rel: str, chunks: int) -> int:
