@@ -130,7 +130,7 @@ def stop_wait_s(job_argv: Sequence[str]) -> int:
     from jobs.cli import build_parser
     from pipeline.config import PipelineConfig
 
-    grace = float(PipelineConfig.__dataclass_fields__["stop_grace"].default)
+    grace = PipelineConfig().stop_grace
     with contextlib.suppress(SystemExit):  # a job line this client cannot parse: the default grace period
         grace = float(getattr(build_parser().parse_args(list(job_argv)), "stop_grace", grace))
     return int(math.ceil(grace)) + STOP_MARGIN_S
