@@ -44,13 +44,21 @@ def _armed(spec: str) -> dict[str, tuple[str, int, bool]]:
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         point, _, rhs = entry.partition("=")
         action, _, when = rhs.partition("@")
-        if action.partition(":")[0] not in ACTIONS or not point or (":" in action) != action.startswith("sleep:"):
+        base, colon, seconds = action.partition(":")
+        if base not in ACTIONS or not point or (base == "sleep") != bool(colon) or (colon and not _number(seconds)):
             raise ValueError(f"{ENV}: bad entry {entry!r}: want POINT=ACTION[@N|@N+|@*], ACTION one of {ACTIONS} "
                              "(sleep:SECONDS)")
         when = when or "*"
         n = 0 if when == "*" else int(when.rstrip("+"))
         out[point.strip()] = (action, n, when.endswith("+"))
     return out
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def hit(point: str) -> None:

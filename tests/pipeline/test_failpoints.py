@@ -87,7 +87,7 @@ def test_sleep_marks_the_point_then_goes_on(monkeypatch: pytest.MonkeyPatch, tmp
     assert time.monotonic() - t < 0.3
 
 
-@pytest.mark.parametrize("spec", ["x=explode", "=exit", "x=exit@two", "x=sleep", "x=hang:3"])
+@pytest.mark.parametrize("spec", ["x=explode", "=exit", "x=exit@two", "x=sleep", "x=hang:3", "x=sleep:soon"])
 def test_bad_specs_are_refused(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.setenv(failpoints.ENV, spec)
     with pytest.raises(ValueError):
