@@ -28,6 +28,7 @@ file before starting them (:mod:`pipeline.console`), and the driver's commits ne
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import select
 import signal
@@ -216,6 +217,7 @@ def _watchdog(st: _Stop) -> None:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([st.wake_r], [], [], timeout)
         if not ready:
+            _dump_stacks()
             name = signal_name(st.signum or signal.SIGINT)
             _hard_exit(st, f"; stopped {st.grace_s:g} s after the {name}, the commits still under way abandoned")
             return
@@ -251,6 +253,18 @@ def _hard_exit(st: _Stop, how: str) -> None:
     if not st.said:
         _write_line(final_line(how=how))
     os._exit(exit_code(st.signum))
+
+
+def _dump_stacks() -> None:
+    """What every thread was waiting on when the grace period ran out, into the log file descriptor 2 goes to (Ray's
+    log folder, pipeline/console.py), never onto the console: the one line stays the console's."""
+    from pipeline import console
+
+    if console.diverted() is None:
+        return
+    with contextlib.suppress(Exception):  # descriptor 2 without the stream's lock, which another thread may hold
+        os.write(2, b"dr2: the grace period is over; the process's threads at that moment:\n")
+        faulthandler.dump_traceback(file=2, all_threads=True)
 
 
 def _quietly(fn: Callable[[], None]) -> None:
