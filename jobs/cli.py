@@ -12,6 +12,7 @@ from typing import Any
 
 from jobs.configargs import dataclass_from_args
 from jobs.parser import build_parser
+from pipeline import stopping
 from pipeline.config import PRESETS, PipelineConfig, load_preset
 from pipeline.console import setup_logging
 
@@ -40,7 +41,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if len(todo) > 20:
             print(f"  ... and {len(todo) - 20} more")
         return 0
-    summary = run_restore(cfg)
+    with stopping.handling("restore", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/stopping.py
+        summary = run_restore(cfg)
     print(summary.table())
     print(f"output: {cfg.dst}")
     if summary.report:
@@ -65,8 +67,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from jobs.nightly import run_nightly_job
 
     cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
-    record = run_nightly_job(cfg, args.state, max_attempts=args.max_attempts,
-                             retry_quarantined=args.retry_quarantined, wave=args.wave)
+    with stopping.handling("nightly", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/stopping.py
+        record = run_nightly_job(cfg, args.state, max_attempts=args.max_attempts,
+                                 retry_quarantined=args.retry_quarantined, wave=args.wave)
     print(ns.summary_line(record, args.state))
     return ns.exit_code(record)
 
@@ -216,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose, quiet=bool(getattr(args, "quiet", False)))
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print(f"dr2 {args.command}: interrupted. Units completed before the interrupt are committed (their "
-              ".stats.json markers); rerun the same command to resume with the rest.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipeline/stopping.py): one line, 130 or 143
+        print(stopping.final_line(args.command), file=sys.stderr)
+        sys.stderr.flush()
+        stopping.said()
+        return stopping.exit_code()
     except Exception as e:  # noqa: BLE001 - the CLI's job: one line a person can act on (-v for the traceback)
         if args.verbose:
             raise

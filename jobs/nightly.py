@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 from collections.abc import Iterator
-from types import FrameType
 
 from jobs import nightly_state as ns
 from jobs.restore import UnitOutcome, plan_units, run_restore
@@ -76,18 +73,7 @@ def run_nightly_job(cfg: PipelineConfig, state_uri: str, *, max_attempts: int = 
         yield from outcomes
 
     state = ns.NightlyState(state_uri, options=options)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through run_nightly, which releases its claims
-
-    main = threading.current_thread() is threading.main_thread()  # signal handlers only work there
-    if main:
-        signal.signal(signal.SIGTERM, on_term)
-    try:
-        return ns.run_nightly(state, list(by_key), done, process, max_attempts=max_attempts,
-                              retry_quarantined=retry_quarantined, config_hash=config_hash, run_id=run_id,
-                              claim_batch=wave)
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+    # SIGTERM and Ctrl-C: pipeline/stopping.py (the CLI installs it) raises KeyboardInterrupt, which unwinds through
+    # run_nightly: it releases its claims, and a hard stop releases them as its last words (LeaseKeeper)
+    return ns.run_nightly(state, list(by_key), done, process, max_attempts=max_attempts,
+                          retry_quarantined=retry_quarantined, config_hash=config_hash, run_id=run_id, claim_batch=wave)

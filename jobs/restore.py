@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema as S
-from pipeline import shards, storage
+from pipeline import shards, stopping, storage
 from pipeline.config import InputFormat, PipelineConfig
 from pipeline.formats import AUTO_ORDER, format_of
 from pipeline.shards import ShardCommitError
@@ -304,61 +304,67 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                 on_unit(UnitOutcome(p.unit.name, True, stats=stats))
         summary.statuses = +summary.statuses  # drop zero counts
 
-    try:
-        graph = build_dataset(todo, cfg, model_info, config_hash)
-        summary.pools = graph.pools.to_dict()
-        for part in stream_summaries(graph):
-            settle(committer.results())
-            p = progress[part[S.UNIT]]
-            if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
-                continue
-            if part["first"] == -1:  # the unit's end
-                p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
-                p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
-                p.skipped_members = list(part[S.NOTES] or [])
-                if p.expected is not None and p.expected < 0:  # the unit could not be read: record it, go on
-                    _fail(p, p.read_error, summary, on_unit)
+    def committed() -> str:
+        """What a stopped run's one line says (pipeline.stopping.final_line)."""
+        pending = committer.pending()
+        done = summary.units_skipped + summary.units_done - pending
+        return (f"{done} of {summary.units_total} unit(s) committed ({summary.units_skipped} of them before this "
+                "run)" + (f"; {pending} commit(s) were under way (a unit without its .stats.json marker is redone)"
+                          if pending else ""))
+
+    with stopping.progress(committed):  # the line a stopped run prints (pipeline/stopping.py)
+        try:
+            graph = build_dataset(todo, cfg, model_info, config_hash)
+            summary.pools = graph.pools.to_dict()
+            for part in stream_summaries(graph):
+                settle(committer.results())
+                p = progress[part[S.UNIT]]
+                if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
                     continue
-            elif (part["first"], part["last"]) not in p.parts:
-                p.parts[(part["first"], part["last"])] = part
-                _collect_report_rows(summary, part)
-            chain = p.cover()
-            if part["first"] >= 0:
-                bar.update(rows=part["last"] - part["first"] + 1, faces=int(part["faces"]),
-                           statuses=dict(part["statuses"]))
-            if on_part is not None:
-                on_part(part, summary)
-            if chain is None:
-                continue
-            stats = _stats(p, chain, config_hash, busy=graph.poll_busy())
-            lease.check()  # never commit once another run may own DST
-            log.debug("%s: all %d samples staged, committing", p.unit.name, p.expected)
-            assert p.expected is not None  # a cover needs the unit's end
-            committer.put(shards.CommitJob(p.unit, p.expected, stats))
-            bar.update(units=1)
-            summary.units_done += 1
-            summary.samples += stats["samples"]
-            summary.faces += stats["faces"]
-            summary.faces_found += stats["faces_found"]
-            summary.statuses.update(stats["statuses"])
-            summary.stage_seconds.update(stats["seconds"])
-            if p.read_error:
-                summary.read_errors[p.unit.name] = p.read_error
-            p.parts, p.committed = {}, True
-    except BaseException as e:
-        # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
+                if part["first"] == -1:  # the unit's end
+                    p.expected, p.read_error = part[S.UNIT_SIZE], part[S.ERROR] or ""
+                    p.read_seconds = float((part["seconds"] or {}).get("read") or 0.0)
+                    p.skipped_members = list(part[S.NOTES] or [])
+                    if p.expected is not None and p.expected < 0:  # the unit could not be read: record it, go on
+                        _fail(p, p.read_error, summary, on_unit)
+                        continue
+                elif (part["first"], part["last"]) not in p.parts:
+                    p.parts[(part["first"], part["last"])] = part
+                    _collect_report_rows(summary, part)
+                chain = p.cover()
+                if part["first"] >= 0:
+                    bar.update(rows=part["last"] - part["first"] + 1, faces=int(part["faces"]),
+                               statuses=dict(part["statuses"]))
+                if on_part is not None:
+                    on_part(part, summary)
+                if chain is None:
+                    continue
+                stats = _stats(p, chain, config_hash, busy=graph.poll_busy())
+                lease.check()  # never commit once another run may own DST
+                log.debug("%s: all %d samples staged, committing", p.unit.name, p.expected)
+                assert p.expected is not None  # a cover needs the unit's end
+                committer.put(shards.CommitJob(p.unit, p.expected, stats))
+                bar.update(units=1)
+                summary.units_done += 1
+                summary.samples += stats["samples"]
+                summary.faces += stats["faces"]
+                summary.faces_found += stats["faces_found"]
+                summary.statuses.update(stats["statuses"])
+                summary.stage_seconds.update(stats["seconds"])
+                if p.read_error:
+                    summary.read_errors[p.unit.name] = p.read_error
+                p.parts, p.committed = {}, True
+        except BaseException as e:
+            # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
+            bar.close()
+            settle(committer.close())
+            for p in progress.values():
+                if not p.committed and p.unit.name not in summary.failed:
+                    _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary, on_unit)
+            raise
         bar.close()
-        if isinstance(e, KeyboardInterrupt) and committer.pending():
-            log.warning("interrupted: finishing the commits under way (Ctrl-C again to stop at once; a rerun "
-                        "redoes what is not committed)")
+        summary.busy = graph.busy
         settle(committer.close())
-        for p in progress.values():
-            if not p.committed and p.unit.name not in summary.failed:
-                _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary, on_unit)
-        raise
-    bar.close()
-    summary.busy = graph.busy
-    settle(committer.close())
     for p in progress.values():
         if not p.committed and p.unit.name not in summary.failed:
             _fail(p, "not all samples arrived (a bug: please report it)", summary, on_unit)

@@ -15,8 +15,13 @@ What travels with a job (its ``runtime_env``):
   The MTCNN weights come from ``facenet-pytorch``, which must be installed with ``--no-deps`` (its metadata pins
   an old torch): that cannot be expressed in a runtime_env, so nodes get it from their image or setup commands
   (``cluster.yaml``, the KubeRay image). ``--deps installed`` skips pip when the nodes already have everything.
-* ``env_vars``: only what ``--env KEY=VALUE`` gives (e.g. ``AWS_ENDPOINT_URL``). Credentials are never shipped:
-  a runtime_env is stored in the cluster and shown on the dashboard. Nodes get S3 access from their role.
+* ``env_vars``: what ``--env KEY=VALUE`` gives (e.g. ``AWS_ENDPOINT_URL``). Credentials are never shipped:
+  a runtime_env is stored in the cluster and shown on the dashboard. Nodes get S3 access from their role. And
+  ``RAY_JOB_STOP_WAIT_TIME_S`` (unless ``--env`` sets it): ``--stop`` has Ray's job manager send the entrypoint
+  SIGTERM, which the job handles as Ctrl-C (pipeline/stopping.py: the commits under way finish within the job's
+  ``--stop-grace``, its lease is released), and SIGKILL it after this many seconds, 3 by default in Ray 2.60: too
+  soon for a commit under way. Ray reads it in the job's supervisor actor, which runs in the job's runtime_env;
+  it is set to the grace period + :data:`STOP_MARGIN_S`.
 
 Idempotence: the submission id is ``dr2-`` + the first 16 hex digits of the sha-256 of the normalized job
 arguments (and ``--key``). Ray refuses a second job with an existing id ("already exists"); ``dr2 submit`` then
@@ -35,6 +40,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import shlex
 import socket
@@ -52,6 +58,8 @@ EXCLUDES = [".venv/", ".git/", "demo/", "out/", "build/", "dist/", "**/__pycache
             ".ruff_cache/", ".pytest_cache/", "*.egg-info/", "*.pyc"]
 NOT_FROM_PIP = {"ray", "torch"}  # the cluster's own: see the module docstring
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # Ray 2.60's job supervisor: seconds between SIGTERM and SIGKILL on stop
+STOP_MARGIN_S = 15  # past the job's grace period: its last words (lease release) and Python's exit
 Deps = Literal["pip", "installed"]
 
 
@@ -114,6 +122,17 @@ def submission_id(job_argv: Sequence[str], key: str = "") -> str:
 
 def entrypoint(job_argv: Sequence[str], python: str = "python") -> str:
     return shlex.join([python, "-m", "jobs.cli", *job_argv])
+
+
+def stop_wait_s(job_argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    """Seconds Ray's job manager should give the job between SIGTERM and SIGKILL (``dr2 submit --stop``): the job
+    line's ``--stop-grace`` (or its default) + :data:`STOP_MARGIN_S`; ``parser`` is the ``dr2`` parser."""
+    from pipeline.config import PipelineConfig
+
+    grace = PipelineConfig().stop_grace
+    with contextlib.suppress(SystemExit):  # a job line this client cannot parse: the default grace period
+        grace = float(getattr(parser.parse_args(list(job_argv)), "stop_grace", grace))
+    return int(math.ceil(grace)) + STOP_MARGIN_S
 
 
 def check_job_argv(job_argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -292,6 +311,8 @@ def _cmd_submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if query and [t for t in args.job if t != "--"]:
         raise SubmitError("--status/--logs/--stop take a job id and no job line")
     env_vars = _env_vars(args.env)
+    if job_argv:
+        env_vars.setdefault(STOP_WAIT_ENV, str(stop_wait_s(job_argv, parser)))
     client = connect(args.address)
     if query:
         try:

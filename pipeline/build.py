@@ -55,6 +55,7 @@ import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import schema as S
+from pipeline import stopping
 from pipeline.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
@@ -115,6 +116,9 @@ def init_ray(cfg: PipelineConfig) -> None:
     finally:
         if hint is not None:
             hint.cancel()
+    # ray.init put its own SIGTERM handlers in this process (a native one that prints a stack and aborts): the stop
+    # handlers of the CLI go back in their place (pipeline/stopping.py)
+    stopping.reinstall()
     if diverted is not None:
         node = ray_worker._global_node  # None for a Ray Client driver: the file stays in the temp folder
         where = console.move_diverted(node.get_logs_dir_path()) if node is not None else diverted.path
@@ -403,7 +407,11 @@ def _actor_pool(pool: StagePool, *, in_flight: int | None = None) -> ray.data.Ac
 
 def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
     """Run the graph, yielding each part's summary (a few per block) as it completes. An actor that died more often
-    than Ray restarts it ends the run with :class:`StageDiedError`, naming the block it died on."""
+    than Ray restarts it ends the run with :class:`StageDiedError`, naming the block it died on.
+
+    A stopped run (Ctrl-C, SIGTERM: :func:`pipeline.stopping.requested`) leaves Ray as it is: the process is about to
+    exit, which ends its actors and tasks (a local Ray's processes with it, a cluster's job with its driver), and
+    the commits under way come first. Any other end cleans up for the next run in this process (:func:`shutdown`)."""
     ds = graph.ds
     before = _stage_actors()
     try:
@@ -412,15 +420,17 @@ def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
             yield from table.to_pylist()
         _final_busy(graph)
     except BaseException as e:
-        shutdown(ds)
-        _kill(_stage_actors() - before)  # the pools of THIS run: made after it started, by this driver
+        if stopping.requested() is not None:
+            raise
+        shutdown(ds, _stage_actors() - before)  # the pools of THIS run: made after it started, by this driver
         died = _died_on(graph.flight, e)
         if died is not None:
             raise StageDiedError(died) from e
         raise
     finally:
-        shutdown(ds)
-        ray.kill(graph.flight)
+        if stopping.requested() is None:
+            shutdown(ds)
+            ray.kill(graph.flight)
 
 
 def _final_busy(graph: Graph) -> None:
@@ -476,13 +486,20 @@ def _kill(actor_ids: set[str]) -> None:
             log.debug("actor %s: %s", aid, e)
 
 
-def shutdown(ds: ray.data.Dataset) -> None:
-    """Stop the dataset's executor and kill its actors, however the stream ended. On an error (or an early stop)
-    Ray 2.60 only drops its references to the pool's actors and lets reference counting reap them, which a
-    traceback can delay indefinitely: the actors keep their CPUs/GPUs and the next run in this process (a nightly
-    wave, a retry) waits for resources forever. Ray keeps the executor on the dataset (``_current_executor``,
-    ray 2.60) once the first output arrived; force-shutting it is what Ray's own blocking APIs do. A run that fails
-    before its first output has no executor there: :func:`stream_summaries` then kills the actors it started."""
+def shutdown(ds: ray.data.Dataset, actors: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Stop the dataset's executor and kill its actors (``actors``: this run's stage actors, by id), however the
+    stream ended. On an error (or an early stop) Ray 2.60 only drops its references to the pool's actors and lets
+    reference counting reap them, which a traceback can delay indefinitely: the actors keep their CPUs/GPUs and the
+    next run in this process (a nightly wave, a retry) waits for resources forever. Ray keeps the executor on the
+    dataset (``_current_executor``, ray 2.60) once the first output arrived; force-shutting it is what Ray's own
+    blocking APIs do. A run that fails before its first output has no executor there: the actors are killed by id.
+
+    The actors are killed FIRST: a forced shutdown cancels each running task and then waits for it with a
+    ``ray.get`` without a timeout (ray 2.60, ``PhysicalOperator._cancel_active_tasks``), and an actor's task cannot
+    be force-cancelled (Ray falls back to a polite cancel that a busy actor never sees). A stage actor that never
+    answers again (a hung GPU, a failpoint's ``hang``) kept that ``ray.get``, and the driver, waiting forever: what
+    made a stopped run hang (issue 19). Once its actor is dead, the task's ``ray.get`` returns at once."""
+    _kill(actors)
     executor = getattr(ds, "_current_executor", None)
     if executor is not None:
         executor.shutdown(force=True)

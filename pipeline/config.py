@@ -139,6 +139,8 @@ class PipelineConfig:
     overwrite: bool = _f(False, "redo shards that are already done, also under a changed config")
     verify: bool = _f(False, "on resume, also check each finished output's sha256 against its marker (reads them all)")
     wait: float = _f(0.0, "seconds to wait while another run holds DST (default 0: stop at once and name it)")
+    stop_grace: float = _f(30.0, "seconds a stopped run (Ctrl-C, SIGTERM) has to finish the commits under way before "
+                                 "it exits anyway (a second signal: at once)")
     limit: int | None = _f(None, "process at most this many units (shards/chunks) of those not done yet: a trial run")
     endpoint_url: str | None = _f(None, "S3 endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL or AWS")
     report: bool = _f(True, "write the run report DST/_dr2/report/index.html (+ report.json, face thumbnails)")
@@ -158,8 +160,8 @@ class PipelineConfig:
             "src", "dst", "address", "device", "restore_actors", "detect_actors", "gpus_per_restorer",
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
             "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
-            "verify", "wait", "limit", "restore_prefetch", "progress", "ray_logs", "report", "report_faces",
-            "report_faces_per_thousand",
+            "verify", "wait", "stop_grace", "limit", "restore_prefetch", "progress", "ray_logs", "report",
+            "report_faces", "report_faces_per_thousand",
         }
     )
 

@@ -75,6 +75,11 @@ def divert_stderr() -> Diverted:
     return _diverted
 
 
+def diverted() -> Diverted | None:
+    """Where descriptor 2 goes, when it is diverted (None: it is the console)."""
+    return _diverted
+
+
 def move_diverted(folder: str) -> str:
     """Move the diverted output into ``folder`` (as ``dr2-driver-stderr.log``, appended to) and keep writing there;
     returns its path ("" when nothing is diverted). What was written before the move is copied first."""

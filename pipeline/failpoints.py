@@ -10,7 +10,8 @@ An entry is ``POINT=ACTION[@WHEN]``:
 
 - ACTION ``exit``: the process dies at once (``os._exit``), as a segfault or an OOM kill would end it;
   ``raise``: a :class:`FailpointError`; ``hang``: the process writes ``DIR/POINT.hung`` and sleeps, so that a
-  test can SIGKILL the whole run at exactly that point.
+  test can SIGKILL the whole run at exactly that point; ``sleep:S``: writes ``DIR/POINT.hung`` the same way, sleeps
+  S seconds and goes on (a slow commit or stage, long enough for a test to act in the middle of it).
 - WHEN ``N``: only the N-th time the point is reached, counted over every process of the run (files created
   with ``O_EXCL`` in ``DR2_FAILPOINTS_DIR``, required for counts); ``N+``: the N-th time and every time after;
   ``*`` (the default): every time.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 ENV = "DR2_FAILPOINTS"
 DIR_ENV = "DR2_FAILPOINTS_DIR"
-ACTIONS = ("exit", "raise", "hang")
+ACTIONS = ("exit", "raise", "hang", "sleep")
 
 
 class FailpointError(RuntimeError):
@@ -43,12 +44,21 @@ def _armed(spec: str) -> dict[str, tuple[str, int, bool]]:
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         point, _, rhs = entry.partition("=")
         action, _, when = rhs.partition("@")
-        if action not in ACTIONS or not point:
-            raise ValueError(f"{ENV}: bad entry {entry!r}: want POINT=ACTION[@N|@N+|@*], ACTION one of {ACTIONS}")
+        base, colon, seconds = action.partition(":")
+        if base not in ACTIONS or not point or (base == "sleep") != bool(colon) or (colon and not _number(seconds)):
+            raise ValueError(f"{ENV}: bad entry {entry!r}: want POINT=ACTION[@N|@N+|@*], ACTION one of {ACTIONS} "
+                             "(sleep:SECONDS)")
         when = when or "*"
         n = 0 if when == "*" else int(when.rstrip("+"))
         out[point.strip()] = (action, n, when.endswith("+"))
     return out
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def hit(point: str) -> None:
@@ -70,6 +80,9 @@ def hit(point: str) -> None:
         raise FailpointError(f"failpoint {point}")
     if folder := os.environ.get(DIR_ENV):
         Path(folder, f"{point}.hung").write_text(str(os.getpid()))
+    if action.startswith("sleep:"):
+        time.sleep(float(action.partition(":")[2]))
+        return
     while True:
         time.sleep(3600)
 

@@ -57,6 +57,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from pipeline import stopping
 from pipeline.storage import StorageOptions, fsync_dir, is_s3, local_path, s3_client, split_s3
 
 log = logging.getLogger(__name__)
@@ -495,6 +496,9 @@ class LeaseKeeper:
         self._tick_s = tick_s
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
+        # a run stopped hard (its grace period over, a second signal) still releases what it holds: the next run
+        # need not wait for the leases to expire
+        self._forget = stopping.add_last_words(self._release_all)
 
     def add(self, lease: Lease) -> Lease:
         with self._lock:
@@ -516,6 +520,7 @@ class LeaseKeeper:
 
     def close(self, *, release: bool = True) -> None:
         """Stop renewing; release the leases still held (unless ``release=False``)."""
+        self._forget()
         self._stop.set()
         self._wake.set()
         self._thread.join()
@@ -527,6 +532,10 @@ class LeaseKeeper:
                     log.warning("could not release lease %s", lease.uri, exc_info=True)
         with self._lock:
             self._leases.clear()
+
+    def _release_all(self) -> None:
+        for lease in self.leases():
+            lease.release()
 
     def __enter__(self) -> LeaseKeeper:
         return self

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit
+from jobs.parser import build_parser
 from tests.jobs.archive import build_archive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,3 +206,35 @@ def test_submit_follow_attach_status_logs_stop(ray_head: Head, tmp_path: Path) -
     assert followed.returncode == 1, followed.stdout + followed.stderr
     assert f"{other_id}: STOPPED" in dr2_submit(ray_head, "--status", other_id).stdout
     assert dr2_submit(ray_head, "--status", "dr2-0000000000000000").returncode == 2
+
+
+def test_stop_wait_covers_the_job_lines_grace_period() -> None:
+    assert submit.stop_wait_s(["restore", "a", "b"], build_parser()) == 30 + submit.STOP_MARGIN_S
+    assert submit.stop_wait_s(["restore", "a", "b", "--stop-grace", "7.5"], build_parser()) == 8 + submit.STOP_MARGIN_S
+
+
+@pytest.mark.slow
+def test_stop_gives_the_job_a_clean_stop(ray_head: Head, tmp_path: Path) -> None:
+    """``dr2 submit --stop`` of a job whose restore actor never answers: Ray's job manager sends the entrypoint SIGTERM,
+    which stops it as Ctrl-C would (one line in the job's log, no stack dump, its DST lease released) before the
+    SIGKILL that follows RAY_JOB_STOP_WAIT_TIME_S (3 s by default in Ray 2.60; dr2 submit sets grace + margin)."""
+    build_archive(tmp_path / "archive")
+    src, dst, fp = str(tmp_path / "archive" / "shard-001.tar"), tmp_path / "restored", tmp_path / "fp"
+    fp.mkdir()
+    job = ["restore", src, str(dst), "--restorer", "passthrough", "--cpus-per-actor", "0.5", "--stop-grace", "20"]
+    sub = dr2_submit(ray_head, "--deps", "installed", "--key", "clean-stop", "--env",
+                     "DR2_FAILPOINTS=restore.batch=hang@1", "--env", f"DR2_FAILPOINTS_DIR={fp}", "--", *job)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    sid = submit.submission_id(job, key="clean-stop")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (fp / "restore.batch.hung").exists():
+        assert time.monotonic() < deadline, dr2_submit(ray_head, "--logs", sid).stdout[-3000:]
+        time.sleep(0.2)
+    stop = dr2_submit(ray_head, "--stop", sid)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
+    followed = dr2_submit(ray_head, "--logs", sid, "--follow", timeout=JOB_TIMEOUT_S)
+    assert followed.returncode == 1, followed.stdout + followed.stderr  # STOPPED
+    logs = dr2_submit(ray_head, "--logs", sid).stdout
+    assert "dr2 restore: interrupted by SIGTERM: 0 of 1 unit(s) committed" in logs, logs[-3000:]
+    assert "SIGTERM received" not in logs and "PC: @" not in logs, logs[-3000:]
+    assert not (dst / "_dr2" / "lease.json").exists(), "the job's DST lease was not released"

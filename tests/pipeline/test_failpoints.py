@@ -74,7 +74,20 @@ def test_exit_and_hang_end_or_stop_the_process(monkeypatch: pytest.MonkeyPatch, 
         proc.join()
 
 
-@pytest.mark.parametrize("spec", ["x=explode", "=exit", "x=exit@two"])
+def test_sleep_marks_the_point_then_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import time
+
+    monkeypatch.setenv(failpoints.DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(failpoints.ENV, "s=sleep:0.3@1")
+    t = time.monotonic()
+    failpoints.hit("s")
+    assert time.monotonic() - t >= 0.3 and (tmp_path / "s.hung").read_text() == str(os.getpid())
+    t = time.monotonic()
+    failpoints.hit("s")  # the second arrival: not armed
+    assert time.monotonic() - t < 0.3
+
+
+@pytest.mark.parametrize("spec", ["x=explode", "=exit", "x=exit@two", "x=sleep", "x=hang:3", "x=sleep:soon"])
 def test_bad_specs_are_refused(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.setenv(failpoints.ENV, spec)
     with pytest.raises(ValueError):
