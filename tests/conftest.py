@@ -1,4 +1,11 @@
-"""Shared test configuration: where the golden fixtures live (copied from the official DR2 code's output)."""
+"""Shared test configuration: where the golden fixtures live (copied from the official DR2 code's output), the real
+S3 server, and the rule that puts every test that starts Ray into the ``slow`` tier.
+
+Two tiers (README, "Tests"): ``pytest -m "not slow"`` is the developers' fast tier, ``pytest`` runs everything (CI).
+``slow`` means a test starts Ray, a Ray head, Chromium or a CLI subprocess, or takes more than about 3 s on an idle
+2-core machine. Tests that use a Ray fixture are marked here, by rule, so that a new end-to-end test lands in the
+slow tier without anyone remembering the marker; everything else slow carries ``@pytest.mark.slow`` in its file.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,18 @@ DR2_REFERENCE = FIXTURES / "dr2_reference"
 
 # Two cores: keep torch from oversubscribing them when Ray workers run beside the test process.
 torch.set_num_threads(2)
+
+
+# Fixtures that start Ray (a local Ray, a Ray head): any test that depends on one, directly or through another
+# fixture, is end-to-end and belongs to the slow tier.
+RAY_FIXTURES = frozenset({"ray_local", "ray_head"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

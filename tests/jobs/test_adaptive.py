@@ -28,8 +28,6 @@ from pipeline.degradation import DegradationThresholds
 from tests.jobs.archive import encode, no_face_image
 from tests.pipeline import photos
 
-pytestmark = pytest.mark.usefixtures("ray_local")
-
 FACE = 512
 
 
@@ -75,8 +73,8 @@ def _outputs(dst: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def auto_runs(mixed: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, RunSummary]]:
-    """Two runs of --preset auto: default blocks, and one row / one face per block."""
+def auto_runs(ray_local: None, mixed: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, RunSummary]]:
+    """Two runs of --preset auto on the local Ray: default blocks, and one row / one face per block."""
     out = []
     for kw in ({}, {"rows_per_block": 1, "faces_per_block": 1}):
         dst = tmp_path_factory.mktemp("auto")
@@ -147,6 +145,7 @@ def test_outputs_do_not_depend_on_block_sizes(auto_runs: list[tuple[Path, RunSum
     assert _manifest(a) == _manifest(b)
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_without_auto_every_face_has_the_run_setting(mixed: Path, tmp_path: Path) -> None:
     summary = run_restore(config(mixed, tmp_path, adaptive=False, N=4, tau=2, restorer=RestorerKind.PASSTHROUGH))
     for key, m in _manifest(tmp_path).items():

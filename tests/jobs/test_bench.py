@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import webdataset as wds
 
@@ -47,6 +48,7 @@ def test_archive_holds_degraded_photos(tmp_path: Path) -> None:
     assert keys == ["face_0000", "face_0001", "face_0002"]
 
 
+@pytest.mark.slow  # a real (tiny) benchmark run: UNet forwards, the restorer and the batch-1 baseline
 def test_tiny_bare_run_and_table(tmp_path: Path) -> None:
     opts = BenchOptions(device="cpu", precisions=("fp32",), batch_sizes=(2,), skip_pipeline=True, N=1, tau=94,
                         repeats=1, baseline_faces=1)

@@ -54,6 +54,7 @@ def test_dr2_without_weights_is_refused_with_instructions(tmp_path, capsys) -> N
     assert "--ddpm" in err and "dr2 weights import" in err and "passthrough" in err
 
 
+@pytest.mark.slow  # five CLI subprocesses, each importing torch and Ray (~2 s apiece)
 @pytest.mark.parametrize("command", ["restore", "demo", "restore-faces", "verify-fixtures", "weights"])
 def test_help_runs_for_every_command(command: str) -> None:
     out = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--help"], capture_output=True, text=True,
@@ -61,6 +62,7 @@ def test_help_runs_for_every_command(command: str) -> None:
     assert "usage: dr2" in out
 
 
+@pytest.mark.slow  # every golden fixture through the tiny models (dr2/test_verify.py covers verify.py fast)
 def test_verify_fixtures_passes_on_the_shipped_fixtures(capsys) -> None:
     assert main(["verify-fixtures"]) == 0
     table = capsys.readouterr().out
@@ -68,6 +70,7 @@ def test_verify_fixtures_passes_on_the_shipped_fixtures(capsys) -> None:
     assert "FAIL" not in table.upper().replace("FAILED: 0", "")
 
 
+@pytest.mark.slow  # imports a checkpoint and restores two photos end to end
 def test_weights_import_then_restore_faces(tmp_path, capsys, dr2_reference) -> None:
     """An official-layout checkpoint (flat state dict, torch.save) imports, and restore-faces runs on it."""
     import numpy as np

@@ -30,6 +30,7 @@ from jobs.nightly_state import (
     run_nightly,
     summary_line,
 )
+from pipeline import leases
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,12 +172,16 @@ def test_two_concurrent_runs_split_the_units_and_never_process_one_twice(state_u
     assert all(r.status is UnitStatus.DONE for r in state.units().values())
 
 
+# Long enough that the dead run's claims are surely still live when the first run after it looks, however loaded
+# the machine (a 2 s ttl expired before that look now and then); the test then waits out the recorded expiry.
+CLAIM_TTL_S = 8.0
+
 _KILLED_RUN = """
 import sys, time
 from pathlib import Path
 from jobs.nightly_state import NightlyState, UnitOutcome, run_nightly
 
-state_uri, out = sys.argv[1], Path(sys.argv[2])
+state_uri, out, CLAIM_TTL_S = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 
 def hang_on_second(units):
     (out / units[0]).write_text("done")
@@ -184,16 +189,18 @@ def hang_on_second(units):
     (out / "ready").write_text("claimed and working")
     time.sleep(120)  # killed here
 
-run_nightly(NightlyState(state_uri, lease_ttl=10, claim_ttl=2.0), ["k0", "k1", "k2"], set(), hang_on_second,
+run_nightly(NightlyState(state_uri, lease_ttl=10, claim_ttl=CLAIM_TTL_S), ["k0", "k1", "k2"], set(), hang_on_second,
             run_id="killedrun", claim_batch=None, flush_s=0)
 """
 
 
+@pytest.mark.slow  # a child Python run, killed, and its claims waited out
 def test_claims_of_a_killed_run_are_taken_over_after_expiry(state_uri: str, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, state_uri, str(out)], cwd=REPO, env=env)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, state_uri, str(out), str(CLAIM_TTL_S)], cwd=REPO,
+                             env=env)
     try:
         deadline = time.monotonic() + 60
         while not (out / "ready").exists():
@@ -212,7 +219,11 @@ def test_claims_of_a_killed_run_are_taken_over_after_expiry(state_uri: str, tmp_
     rec = state.units()["k1"]
     assert (rec.status, rec.attempts, rec.last_run) == (UnitStatus.RUNNING, 1, "killedrun")
 
-    time.sleep(2.5)  # past the dead run's claim expiry
+    claims = [leases.read_lease(state.claim_uri(u)) for u in ("k1", "k2")]
+    assert all(c is not None and c.owner.run_id == "killedrun" for c in claims), claims
+    expiry = max(c.expires for c in claims if c is not None)
+    while time.time() <= expiry:  # wait out the dead run's claims: until their recorded expiry has passed
+        time.sleep(max(0.0, min(0.2, expiry - time.time() + 0.01)))
     late = run_nightly(state, ["k0", "k1", "k2"], set(), job, flush_s=0)
     assert late.done == ["k1", "k2"] and late.claimed_elsewhere == [] and exit_code(late) == 0
     assert [job.times_processed(u) for u in ("k0", "k1", "k2")] == [0, 1, 1]  # k0 was done by the killed run
@@ -223,8 +234,6 @@ def test_claims_of_a_killed_run_are_taken_over_after_expiry(state_uri: str, tmp_
 
 def test_a_run_that_cannot_get_the_state_lease_ends_with_error_and_says_who_holds_it(state_uri: str,
                                                                                       tmp_path: Path) -> None:
-    from pipeline import leases
-
     state = NightlyState(state_uri, lease_ttl=10, claim_ttl=30, lock_wait_s=0.3)
     blocker = leases.try_acquire(state.lease_uri, ttl=60, owner=leases.Owner(host="cronhost", pid=42, run_id="other"))
     try:

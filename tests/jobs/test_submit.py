@@ -156,6 +156,7 @@ def test_runtime_env_ships_the_project_without_venv_and_pins_deps_but_not_ray_or
     assert submit.entrypoint(["restore", "a b", "c"]) == "python -m jobs.cli restore 'a b' c"
 
 
+@pytest.mark.slow  # two `dr2 submit` CLI subprocesses
 def test_unreachable_address_and_bad_job_lines_say_what_to_do() -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -275,6 +275,21 @@ def estimates() -> list[Estimated]:
         return [Estimated(s, estimate_degradation(s.crop)) for s in samples if s.crop is not None]
 
 
+# The calibration set detects ~150 photos one by one (about 5 s idle, 20 s loaded): the tests that need it are slow.
+calibration = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def grace_crop() -> np.ndarray:
+    """The undegraded Grace Hopper face, aligned exactly as the calibration set aligns its "original" photo."""
+    with single_threaded():
+        detector, opts = pipeline_detector()
+        photo = around_face(detector, opts, clean_photos()["original"])
+        (got,) = _align_nearest(detector, opts, [photo], [_center(_largest_face(detector, opts, photo))])
+    assert got is not None
+    return got[0]
+
+
 def ladder_correlations(estimates: list[Estimated]) -> dict[tuple[str, str], float]:
     """(ladder, face) -> Spearman between the score and the known level, over the levels where the face was found."""
     out = {}
@@ -290,12 +305,14 @@ def ladder_correlations(estimates: list[Estimated]) -> dict[tuple[str, str], flo
 # --- the Done-when of the issue ---------------------------------------------------------------------------------
 
 
+@calibration
 def test_every_ladder_is_ordered(estimates: list[Estimated]) -> None:
     rho = ladder_correlations(estimates)
     bad = {k: round(v, 3) for k, v in rho.items() if not v >= 0.9}
     assert not bad, f"Spearman < 0.9 for {bad}"
 
 
+@calibration
 def test_every_ladder_level_is_detected_but_the_harshest(estimates: list[Estimated]) -> None:
     # the calibration means something only if MTCNN finds the faces it is computed on; a 90-px face downscaled
     # by 16 is 6 px of information, which no detector finds (and the pipeline would never restore)
@@ -311,6 +328,7 @@ def test_every_ladder_level_is_detected_but_the_harshest(estimates: list[Estimat
     assert all(lvl >= 16 for _, _, lvl in missing), missing
 
 
+@calibration
 def test_undegraded_large_faces_are_clean(estimates: list[Estimated]) -> None:
     clean = [e for e in estimates if e.sample.ladder == "clean"]
     assert len(clean) == len(clean_photos())  # every one detected
@@ -321,6 +339,7 @@ def test_undegraded_large_faces_are_clean(estimates: list[Estimated]) -> None:
     assert rate >= 0.95, [(e.sample.face, round(e.estimate.score, 2)) for e in clean if e.estimate.verdict != "clean"]
 
 
+@calibration
 def test_faces_downscaled_by_8_or_more_need_moderate_or_severe(estimates: list[Estimated]) -> None:
     hard = [e for e in estimates if (e.sample.ladder, e.sample.level) in DOWNSCALED_8]
     assert len(hard) >= 16
@@ -329,6 +348,7 @@ def test_faces_downscaled_by_8_or_more_need_moderate_or_severe(estimates: list[E
     assert strong >= 0.8, [(e.sample.face, e.sample.ladder, e.sample.level, e.estimate.verdict) for e in hard]
 
 
+@calibration
 def test_small_undegraded_faces_are_not_clean(estimates: list[Estimated]) -> None:
     # a 90-px face, undegraded in its photo, is upscaled ~3x by the alignment: DR2 has detail to add
     small = [e for e in estimates if e.sample.face in ("astronaut", "grace_half") and e.sample.ladder == "downscale"
@@ -339,6 +359,7 @@ def test_small_undegraded_faces_are_not_clean(estimates: list[Estimated]) -> Non
         assert 2.5 < e.estimate.resolution < 6.0
 
 
+@calibration
 def test_resolution_tracks_the_known_factor(estimates: list[Estimated]) -> None:
     # on the down/up-scaling ladder the true factor is (crop pixels per photo pixel) x the downscaling factor
     for e in estimates:
@@ -350,8 +371,8 @@ def test_resolution_tracks_the_known_factor(estimates: list[Estimated]) -> None:
 # --- the estimator's own contract --------------------------------------------------------------------------------
 
 
-def test_deterministic_and_json_round_trip(estimates: list[Estimated]) -> None:
-    crop = _grace_crop(estimates)
+def test_deterministic_and_json_round_trip(grace_crop: np.ndarray) -> None:
+    crop = grace_crop
     a, b = estimate_degradation(crop), estimate_degradation(crop.copy())
     assert a == b
     d = a.to_dict()
@@ -360,14 +381,14 @@ def test_deterministic_and_json_round_trip(estimates: list[Estimated]) -> None:
     assert back.verdict is a.verdict and abs(back.score - a.score) < 1e-3
 
 
-def test_thresholds_cut_the_score(estimates: list[Estimated]) -> None:
+def test_thresholds_cut_the_score(grace_crop: np.ndarray) -> None:
     t = DegradationThresholds(clean_max_factor=2.0, mild_max_factor=4.0, moderate_max_factor=8.0)
     assert [t.verdict(s) for s in (1.0, 2.0, 2.1, 4.0, 8.0, 8.1)] == [
         Verdict.CLEAN, Verdict.CLEAN, Verdict.MILD, Verdict.MILD, Verdict.MODERATE, Verdict.SEVERE
     ]
     with pytest.raises(ValueError):
         DegradationThresholds(clean_max_factor=9.0)
-    strict = estimate_degradation(_grace_crop(estimates), DegradationThresholds(clean_max_factor=1.0))
+    strict = estimate_degradation(grace_crop, DegradationThresholds(clean_max_factor=1.0))
     assert strict.verdict is Verdict.MILD
 
 
@@ -382,9 +403,3 @@ def test_rejects_wrong_input_and_survives_blank_crops() -> None:
     noise = estimate_degradation(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))  # nothing but noise
     assert noise.verdict is Verdict.SEVERE and np.isfinite(noise.score) and noise.noise > 3.0
 
-
-def _grace_crop(estimates: list[Estimated]) -> np.ndarray:
-    """The undegraded Grace Hopper face, aligned (from the module's calibration set: no second detection)."""
-    (crop,) = [e.sample.crop for e in estimates if e.sample.ladder == "clean" and e.sample.face == "original"]
-    assert crop is not None
-    return crop

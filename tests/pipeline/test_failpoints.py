@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,9 +67,17 @@ def test_exit_and_hang_end_or_stop_the_process(monkeypatch: pytest.MonkeyPatch, 
     assert proc.exitcode == 1
     proc = ctx.Process(target=_arrive, args=("h",))
     proc.start()
-    proc.join(timeout=1.0)
+    hung = tmp_path / "h.hung"
     try:
-        assert proc.is_alive() and (tmp_path / "h.hung").read_text() == str(proc.pid)
+        # wait for the event (the hang's file), not a fixed time: a loaded machine may take seconds to get there
+        deadline = time.monotonic() + 60
+        while not (hung.exists() and hung.read_text()):
+            assert proc.is_alive(), f"the process ended (exit code {proc.exitcode}) instead of hanging"
+            assert time.monotonic() < deadline, "the process never reached the hang"
+            time.sleep(0.02)
+        assert hung.read_text() == str(proc.pid)
+        proc.join(timeout=0.5)  # hanging: still there after the file is written
+        assert proc.is_alive()
     finally:
         proc.kill()
         proc.join()

@@ -69,13 +69,19 @@ def test_renew_moves_expiry_and_release_deletes(root: str) -> None:
     leases.try_acquire(uri, ttl=30).release()  # free again
 
 
+def later(seconds: float) -> leases.Clock:
+    """A taker's clock that reads ``seconds`` ahead of ours: how a lease looks once that much time has passed,
+    without sleeping through it (a sleep races a loaded machine: a 0.3 s lease can expire before the refusal below
+    is even asked for)."""
+    return lambda: time.time() + seconds
+
+
 def test_expired_lease_is_taken_over_and_the_old_holder_finds_out(root: str) -> None:
     uri = f"{root}/t.json"
-    old = leases.try_acquire(uri, ttl=0.3, owner=Owner(host="h", pid=1, run_id="old"))
+    old = leases.try_acquire(uri, ttl=30, owner=Owner(host="h", pid=1, run_id="old"))
     with pytest.raises(LeaseHeld):
-        leases.try_acquire(uri, ttl=30)
-    time.sleep(0.4)
-    new = leases.try_acquire(uri, ttl=30, owner=Owner(host="h", pid=2, run_id="new"))
+        leases.try_acquire(uri, ttl=30, clock=later(29))  # still live a second before its expiry
+    new = leases.try_acquire(uri, ttl=30, owner=Owner(host="h", pid=2, run_id="new"), clock=later(31))
     stored = leases.read_lease(uri)
     assert stored is not None and stored.owner.run_id == "new"
     # the old holder cannot renew nor delete the new holder's lease
@@ -91,10 +97,16 @@ def test_expired_lease_is_taken_over_and_the_old_holder_finds_out(root: str) -> 
 def test_acquire_waits_for_a_release(root: str) -> None:
     uri = f"{root}/w.json"
     held = leases.try_acquire(uri, ttl=30)
-    threading.Timer(0.3, held.release).start()
-    t0 = time.monotonic()
-    got = leases.acquire(uri, ttl=30, wait_s=10, poll_s=0.05)
-    assert 0.2 < time.monotonic() - t0 < 8
+    released = threading.Event()
+
+    def release() -> None:
+        held.release()
+        released.set()
+
+    threading.Timer(0.3, release).start()
+    got = leases.acquire(uri, ttl=30, wait_s=120, poll_s=0.05)  # generous: a loaded machine may be slow to release
+    assert released.is_set()  # it waited for the release (the lease was live until then), however long that took
+    assert got.record.token != held.record.token
     got.release()
 
 
@@ -163,13 +175,19 @@ def test_processes_racing_for_expired_leases_exactly_one_wins_each_round(root: s
 
 def test_renewer_keeps_the_lease_past_its_ttl_and_releases_on_exit(root: str) -> None:
     uri = f"{root}/keep.json"
-    with leases.hold_lease(uri, ttl=0.9) as lease:
+    ttl = 2.0  # renewed every ttl/3; on a loaded machine a renewal can come late, so not much shorter than this
+    with leases.hold_lease(uri, ttl=ttl) as lease:
         first_expiry = lease.expires
-        time.sleep(2.2)  # more than two ttls
+        # wait (for the event, not a fixed time) until a renewal written after the first expiry is stored
+        deadline = time.monotonic() + 60
+        while (stored := leases.read_lease(uri)) is None or stored.renewed <= first_expiry:
+            assert time.monotonic() < deadline, "the lease was never renewed past its first ttl"
+            time.sleep(0.05)
         assert not lease.lost
         lease.check()
-        assert lease.expires > first_expiry + 1.0
-        with pytest.raises(LeaseHeld):
+        assert stored.owner == lease.owner and stored.expires == pytest.approx(stored.renewed + ttl)
+        assert lease.expires >= stored.expires > first_expiry + ttl
+        with pytest.raises(LeaseHeld):  # a renewal just stored has most of its ttl left: another taker is refused
             leases.try_acquire(uri, ttl=10)
     assert lease.released and leases.read_lease(uri) is None
 
@@ -183,7 +201,7 @@ def test_renewer_marks_the_lease_lost_when_someone_else_took_it(root: str) -> No
         usurper = LeaseRecord(owner=Owner(host="x", pid=3, run_id="usurper"), token="u", acquired=time.time(),
                               renewed=time.time(), expires=time.time() + 60)
         assert leases.replace_if_match(uri, usurper.to_bytes(), got[1]) is not None
-        assert lost.wait(3.0)
+        assert lost.wait(60)  # returns as soon as the renewer finds out (within ttl/3 on an idle machine)
         assert lease.lost
         with pytest.raises(LeaseLost):
             lease.check()

@@ -194,6 +194,7 @@ def _two_mp() -> np.ndarray:
     return photos.canvas_with_faces(4, seed=1, size=(1200, 1600), min_height=100, max_height=400)[0]
 
 
+@pytest.mark.slow  # both detectors over six photos (test_torch_crops_equal_a_per_box_interpolate is the fast check)
 def test_torch_resampler_within_the_stated_tolerance_of_opencv(detector: MTCNN) -> None:
     """The torch path (what CUDA runs) against the OpenCV path (the CPU default) on photos: the same faces,
     boxes, landmarks and scores within RESAMPLER_TOLERANCE (stated in pipeline/mtcnn.py's docstring)."""
@@ -213,6 +214,7 @@ def test_torch_resampler_within_tolerance_with_max_side(detector: MTCNN) -> None
     assert gap.faces == (4, 4) and gap.within(RESAMPLER_TOLERANCE), gap
 
 
+@pytest.mark.slow  # both detectors over 200 upscaled crops
 def test_torch_resampler_on_lfw_crops(detector: MTCNN) -> None:
     """Tiny gray LFW crops, upscaled 6x: face / no face agrees on at least 199 of 200 (a borderline face may
     flip), and faces found by both within a looser bound (stated in pipeline/mtcnn.py's docstring)."""

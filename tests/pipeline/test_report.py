@@ -296,6 +296,7 @@ def _number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
+@pytest.mark.slow  # starts Chromium (and installs it with apt-get where missing)
 def test_page_in_headless_chromium(written: tuple[Path, dict[str, Any], Path], tmp_path: Path) -> None:
     browser = _chromium()
     dst, report, page = written
@@ -331,6 +332,7 @@ def test_page_in_headless_chromium(written: tuple[Path, dict[str, Any], Path], t
     assert _number(counts["units.failed"]) == len(saved["units"]["failed"])
 
 
+@pytest.mark.slow  # starts Chromium
 def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     """The browser check can fail: a page whose image is missing is caught."""
     browser = _chromium()
