@@ -26,6 +26,6 @@ def test_a_source_without_inputs_stops_the_run_before_the_state_is_touched(tmp_p
     (tmp_path / "src").mkdir()
     cfg = PipelineConfig(src=str(tmp_path / "src"), dst=str(tmp_path / "dst"), restorer=RestorerKind.PASSTHROUGH)
     state_uri = str(tmp_path / "state")
-    with pytest.raises(FileNotFoundError, match="no .tar shards and no images"):
+    with pytest.raises(FileNotFoundError, match="no .tar shards, no .parquet files and no images"):
         run_nightly_job(cfg, state_uri)
     assert ns.NightlyState(state_uri).runs() == [] and not (tmp_path / "state").exists()
