@@ -353,7 +353,7 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
                     if not aligned:
                         status[i], error[i] = S.Status.NO_FACE.value, ""
                 timings[i]["align"] += time.perf_counter() - t0
-        del batch  # the window's decoded pixels go before the next window is decoded
+        del batch, img  # the window's decoded pixels go before the next window is decoded
         last = window[-1]
         if face_count >= cfg.faces_block and last + 1 < n:
             yield _detected(table, start, last + 1, status, error, timings, faces, crops)
