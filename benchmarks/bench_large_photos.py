@@ -12,8 +12,11 @@ It then runs the real CLI in a subprocess (``python -m jobs.cli restore SRC DST 
 Ray that the command starts, as an operator would) and samples the MACHINE's memory in use every 0.1 s
 (``/proc/meminfo``: MemTotal - MemAvailable, so Ray's workers and its shared-memory object store count, whatever
 process holds them). It prints the baseline (the median over 2 s before the command starts), the peak extra memory
-over that baseline, the command's wall time (Ray's start-up included), seconds per photo and per megapixel, and the
-load average. Other processes on the machine move the figures: compare runs taken at a similar load.
+over that baseline, the peak proportional memory (PSS) of the command's own process tree (the driver and the local
+Ray it starts: a figure that other processes on the machine do not move), the command's wall time (Ray's start-up
+included), seconds per photo and per megapixel, the load average, and at the machine's peak its shared memory (Ray's
+object store) and its largest processes. Other processes on the machine move the machine's figure and the times:
+compare runs taken at a similar load.
 
 Nothing is asserted; the run's exit status and its per-status counts (from ``DST/_dr2/report/report.json``) are
 printed so that a wrong run is seen.
@@ -118,12 +121,62 @@ def meminfo(field: str) -> int:
     raise KeyError(field)
 
 
+def top_processes(n: int = 6) -> list[tuple[str, float]]:
+    """The ``n`` processes with the largest resident memory: (name, GiB), Ray's workers named by their task."""
+    rows = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        rows.append((cmd[:60] or fields.get("Name", "").strip(), round(rss / 2**30, 2)))
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def tree_pss(root: int) -> int:
+    """Proportional set size (bytes) of ``root`` and all its descendants: the run's own memory, Ray's raylet, GCS and
+    workers included (a local Ray's processes descend from the driver), shared pages (the object store) counted
+    once. Unlike the machine's figure, it does not move with what other processes on the machine do."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except OSError:
+            continue
+    return total
+
+
 class MemorySampler:
-    """Samples the machine's memory in use (total - available) every ``interval`` seconds in a thread."""
+    """Samples the machine's memory in use (total - available) every ``interval`` seconds in a thread, and the
+    proportional memory of the process tree of ``pid`` once set."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
+        self.pid: int | None = None
+        self.tree_samples: list[int] = [0]
         self.samples: list[int] = []
+        self.at_peak: dict[str, object] = {}  # shared memory (Ray's object store) and the largest processes at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -133,7 +186,12 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(self.in_use())
+            used = self.in_use()
+            if not self.samples or used > max(self.samples):
+                self.at_peak = {"shmem_gb": round(meminfo("Shmem") / 2**30, 2), "top_rss_gb": top_processes()}
+            self.samples.append(used)
+            if self.pid is not None:
+                self.tree_samples.append(tree_pss(self.pid))
             time.sleep(self.interval)
 
     def __enter__(self) -> MemorySampler:
@@ -165,8 +223,12 @@ def run_once(photos: int, work: Path, extra: list[str]) -> dict[str, object]:
     base = baseline()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    with MemorySampler() as mem:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    with MemorySampler() as mem, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        mem.pid = proc.pid
+        proc.wait()
+        err.seek(0)
+        stderr = err.read()
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
     statuses: dict[str, int] = {}
@@ -176,10 +238,11 @@ def run_once(photos: int, work: Path, extra: list[str]) -> dict[str, object]:
     peak = max(mem.samples) if mem.samples else base
     return {"photos": photos, "archive_mb": round(size / MiB), "build_s": round(build_s, 1), "rc": proc.returncode,
             "baseline_gb": round(base / 2**30, 2), "peak_extra_gb": round((peak - base) / 2**30, 2),
+            "run_peak_pss_gb": round(max(mem.tree_samples) / 2**30, 2),
             "wall_s": round(wall, 1), "s_per_photo": round(wall / photos, 2), "s_per_mp": round(wall / mp, 4),
-            "statuses": statuses, "load_before": [round(x, 2) for x in load_before],
+            "statuses": statuses, "at_peak": mem.at_peak, "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in load_after],
-            "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
+            "stderr_tail": stderr[-2000:] if proc.returncode else ""}
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ class PipelineConfig:
                                                "quarter of --memory-budget-mb (pipeline/memory.py)")
     memory_budget_mb: int | None = _f(
         None, "MiB a run may take on a node for decoded pixels and blocks in flight (pipeline/memory.py): it sizes "
-        "blocks by decoded pixels, the write tasks running at once and a local Ray's object store; none: a quarter "
+        "blocks by decoded pixels, the write tasks running at once and a local Ray's object store; none: an eighth "
         "of the node's memory")
     block_megapixels: float | None = _f(
         None, "at most this many decoded megapixels per block (a larger photo travels alone); none: from "

@@ -22,8 +22,10 @@ that travels alone in its block (its worker goes over its share for that photo);
 never decoded and costs nothing.
 
 The budget defaults to ``NODE_SHARE`` of the node's memory (the smallest node's, on a cluster), since Ray's own
-processes, the models and the Python interpreters of every worker come on top of it; ``--memory-budget-mb`` sets
-it, ``--block-megapixels`` sets the block size directly. None of these change an output byte.
+processes, the models and the Python interpreters of every worker come on top of it (about 2 GB on a 2-core node: the
+driver, the raylet, a detector and a restorer actor, write workers with torch imported for the quality measures);
+``--memory-budget-mb`` sets it, ``--block-megapixels`` sets the block size directly. None of these change an output
+byte.
 
 Caveat (ray 2.60): Ray Data merges what one read task yields into blocks of up to 128 MiB of (compressed) bytes, so
 the reader's pixel-sized blocks may reach the detector merged; detection then walks the merged block in windows of
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 MiB = 2**20
-NODE_SHARE = 0.25  # of the node's memory, when --memory-budget-mb is not given
+NODE_SHARE = 0.125  # of the node's memory, when --memory-budget-mb is not given (3 GiB of a 24 GiB node)
 OBJECT_STORE_SHARE = 0.25  # of the budget, for a local Ray's object store
 MIN_OBJECT_STORE = 256 * MiB  # a store smaller than this spills blocks of ordinary photos to disk
 PEAK_BYTES_PER_PIXEL = 12  # what a decoding worker holds per decoded pixel at its peak (measured ~9; see above)

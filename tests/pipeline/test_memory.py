@@ -159,11 +159,11 @@ def test_pixel_windows_close_before_the_budget_and_keep_a_larger_row_alone() -> 
 def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> None:
     gib = 2**30
     plan = memory.plan_memory(PipelineConfig(), node_bytes=24 * gib, cpus=2, detect_actors=1)
-    assert plan.budget_bytes == 6 * gib  # a quarter of the node
-    assert plan.object_store_bytes == int(1.5 * gib) and plan.write_tasks == 2
+    assert plan.budget_bytes == 3 * gib  # an eighth of the node
+    assert plan.object_store_bytes == 768 * memory.MiB and plan.write_tasks == 2
     # three decoding slots (one detector, two write tasks) share what the store leaves, at 12 bytes per pixel
-    assert plan.block_pixels == int(4.5 * gib / 3 // memory.PEAK_BYTES_PER_PIXEL)
-    assert 2 * 48_000_000 < plan.block_pixels < 3 * 48_000_000  # two 48 MP photos per block on a 24 GiB node
+    assert plan.block_pixels == int(2.25 * gib / 3 // memory.PEAK_BYTES_PER_PIXEL)
+    assert 48_000_000 < plan.block_pixels < 2 * 48_000_000  # one 48 MP photo per block on a 24 GiB node
     small = memory.plan_memory(PipelineConfig(memory_budget_mb=512), node_bytes=24 * gib, cpus=16, detect_actors=7)
     assert small.budget_bytes == 512 * memory.MiB and small.object_store_bytes == memory.MIN_OBJECT_STORE
     assert small.write_tasks == 16 and small.block_pixels == memory.MIN_BLOCK_PIXELS  # a 48 MP photo goes alone
