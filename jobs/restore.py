@@ -351,7 +351,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     try:
         graph = build_dataset(todo, cfg, model_info, config_hash)
         summary.pools = graph.pools.to_dict()
-        summary.memory = graph.memory.to_dict() if graph.memory is not None else {}
+        summary.memory = graph.memory_plan.to_dict() if graph.memory_plan is not None else {}
         for part in stream_summaries(graph):
             settle(committer.results())
             p = progress[part[S.UNIT]]

@@ -11,10 +11,10 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
       -> map_batches(DetectStage,  actor pool)      decode, detect, align; re-blocks to <= faces_block faces
       -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, one call per DR2 setting of a block
       -> map_batches(write_block_batch, CPU tasks)  decode again, paste back, encode, ONE staged part per block
+      -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
 Memory: :func:`cluster_memory` splits the run's per-node budget (``pipeline/memory.py``) into a local Ray's object
 store, the write tasks running at once and the decoded pixels per block, which the stages read from the config.
-      -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
 Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
 
@@ -260,7 +260,7 @@ class Graph:
     ds: ray.data.Dataset
     flight: Any
     pools: Pools
-    memory: memory.MemoryPlan | None = None
+    memory_plan: memory.MemoryPlan | None = None
     busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest busy snapshot (FlightLog.busy)
     _asked: Any = None
 
