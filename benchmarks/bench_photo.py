@@ -168,7 +168,6 @@ def _targets(detector: Any) -> list[tuple[Any, str, str]]:
     return [
         (stages, "decode_image", "decode"),
         (detector, "detect", "detect"),
-        (pipeline.decode, "decoded_from_record", "from_record"),
         (pipeline.faces, "paste_faces", "paste"),
         (pipeline.decode, "encode_image", "encode"),
         (stages, "compose_block", "compose"),
@@ -200,6 +199,7 @@ def run_once(shard: Path, cfg: PipelineConfig, detector: Any, restorer: Any, ima
         t0 = time.process_time()
         detected = [out for block in blocks for out in stages.detect_block(block, detector, cfg)]
         timers.add("detect_block", time.process_time() - t0)
+        detect_decode = timers.seconds["decode"]  # the paste-back decodes again: its share is counted under compose
         t0 = time.process_time()
         restored = [stages.restore_block(block, restorer, cfg) for block in detected]
         timers.add("restore", time.process_time() - t0)
@@ -216,13 +216,13 @@ def run_once(shard: Path, cfg: PipelineConfig, detector: Any, restorer: Any, ima
     judged = s["quality"] + s["thumbs"]
     cols = {
         "read": s["read"],
-        "decode": s["decode"],
+        "decode": s["decode"],  # both decodes: detection's and the paste-back's
         "detect": s["detect"],
-        "align": s["detect_block"] - s["decode"] - s["detect"],
+        "align": s["detect_block"] - detect_decode - s["detect"],
         "restore": s["restore"],
         "paste": s["paste"],
         "encode": s["encode"],
-        "compose+": composed - s["paste"] - s["encode"],  # reading the row, the report's pasted regions
+        "compose+": composed - s["paste"] - s["encode"] - (s["decode"] - detect_decode),  # the report's regions
         "quality": s["quality"],
         "thumbs": s["thumbs"],
         "tar+json": s["tar"] + s["stage_part"],

@@ -96,6 +96,7 @@ class RunSummary:
     started: float = field(default_factory=time.time)
     busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: actors, busy_s, wall_s, fraction
     pools: dict[str, Any] = field(default_factory=dict)  # the pools the run had (pipeline.capacity.Pools)
+    memory: dict[str, Any] = field(default_factory=dict)  # how its memory budget was spent (pipeline.memory)
     simulated: str = ""  # the simulated restorer's note: these outputs are NOT restorations
 
     def table(self) -> str:
@@ -316,6 +317,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         try:
             graph = build_dataset(todo, cfg, model_info, config_hash)
             summary.pools = graph.pools.to_dict()
+            summary.memory = graph.memory_plan.to_dict() if graph.memory_plan is not None else {}
             for part in stream_summaries(graph):
                 settle(committer.results())
                 p = progress[part[S.UNIT]]
@@ -437,6 +439,7 @@ def write_run_report(cfg: PipelineConfig, summary: RunSummary) -> str:
         "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items() if v},
         "busy": summary.busy,
         "pools": summary.pools,
+        "memory": summary.memory,
         "simulated": summary.simulated,
         "quality_thresholds": dataclasses.asdict(cfg.quality_thresholds()),
         "faces": summary.sheet,

@@ -10,7 +10,7 @@ The graph, for a list of units (shards or image chunks), every arrow a block of 
       -> repartition(rows_per_block)               blocks of <= rows_per_block rows (see _build)
       -> map_batches(DetectStage,  actor pool)      decode, detect, align; re-blocks to <= faces_block faces
       -> map_batches(RestoreStage, actor pool)      DR2 + enhancer, one call per DR2 setting of a block
-      -> map_batches(write_block_batch, CPU tasks)  paste back, encode, ONE staged part per block
+      -> map_batches(write_block_batch, CPU tasks)  decode again, paste back, encode, ONE staged part per block
       -> summary rows (one per part, no image bytes), consumed by the driver as they stream
 
 The Python API's :func:`restore_dataset_graph` (``pipeline.api.restore_dataset``) runs the same part from the
@@ -20,6 +20,9 @@ the user's own write:
     user's dataset -> map_batches(rows_from_batch, CPU tasks)   record rows, the user's columns riding along
       -> repartition -> DetectStage -> RestoreStage             as above
       -> map_batches(finish_batch, CPU tasks)                   paste back, encode, dr2.json; the user's columns back
+
+Memory: :func:`cluster_memory` splits the run's per-node budget (``pipeline/memory.py``) into a local Ray's object
+store, the write tasks running at once and the decoded pixels per block, which the stages read from the config.
 
 Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
 
@@ -41,6 +44,7 @@ turn them into row statuses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -54,8 +58,8 @@ import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline import memory, stopping
 from pipeline import schema as S
-from pipeline import stopping
 from pipeline.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
 from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
@@ -109,9 +113,11 @@ def init_ray(cfg: PipelineConfig) -> None:
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
         else:
-            log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
+            store = memory.object_store_bytes(cfg, memory.machine_memory())  # a share of the run's memory budget
+            log.info("starting a local Ray with %d CPUs and a %d MiB object store", os.cpu_count() or 1,
+                     store // memory.MiB)
             # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
-            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_memory,
+            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=store,
                      include_dashboard=False, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
     finally:
         if hint is not None:
@@ -269,11 +275,12 @@ class RestoreActor(RestoreStage):
 
 @dataclass
 class Graph:
-    """A built run: the dataset to iterate, the flight log of its stage actors, and its pools."""
+    """A built run: the dataset to iterate, the flight log of its stage actors, its pools and its memory plan."""
 
     ds: ray.data.Dataset
     flight: Any
     pools: Pools
+    memory_plan: memory.MemoryPlan | None = None
     busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest busy snapshot (FlightLog.busy)
     _asked: Any = None
 
@@ -300,11 +307,15 @@ def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[s
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         pools = cluster_pools(cfg)
-        return Graph(_build(units, cfg, model_info, config_hash, flight, pools), flight, pools)
+        plan = cluster_memory(cfg, pools)
+        log.info("%s", plan.describe())
+        # the stages read the block budget from the config: resolved here, once, for every stage of the run
+        cfg = dataclasses.replace(cfg, block_megapixels=plan.block_megapixels)
+        return Graph(_build(units, cfg, model_info, config_hash, flight, pools, plan), flight, pools, plan)
 
 
 def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any], config_hash: str,
-           flight: Any, pools: Pools) -> ray.data.Dataset:
+           flight: Any, pools: Pools, plan: memory.MemoryPlan) -> ray.data.Dataset:
     kinds = {u.kind for u in units}
     if len(kinds) != 1:
         raise ValueError(f"one job runs units of one kind, got {sorted(k.value for k in kinds)}")
@@ -316,17 +327,17 @@ def _build(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[str, Any
     ds = ds.map_batches(
         read_units_batch,  # type: ignore[arg-type]  # cfg comes through fn_kwargs
         fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
-    return _face_stages(ds, cfg, flight, pools, write_block_batch,
+    return _face_stages(ds, cfg, flight, pools, plan, write_block_batch,
                         {"cfg": cfg, "model_info": model_info, "config_hash": config_hash,
                          "kind": next(iter(kinds)).value})
 
 
-def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: Pools, finish: Any,
-                 finish_kwargs: dict[str, Any]) -> ray.data.Dataset:
+def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: Pools, plan: memory.MemoryPlan,
+                 finish: Any, finish_kwargs: dict[str, Any]) -> ray.data.Dataset:
     """The part of the graph that ``dr2 restore`` and :func:`restore_dataset` share, from blocks of record rows
     (:data:`pipeline.schema.ROW_SCHEMA`, extra columns ride along) on: re-block, detect, restore, then ``finish``
     (compose, then write the run's parts, or give the dataset its columns back) as a CPU task. Pools, batching and
-    failure bounds are set here only."""
+    failure bounds are set here only; ``plan`` (:func:`cluster_memory`) bounds the write tasks at once."""
     # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size (128 MiB): a read
     # task's output (a group, or one shard of thousands of rows) would travel as ONE block. Cut back to rows_per_block.
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
@@ -362,6 +373,8 @@ def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: 
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=TASK_CPUS,
+        # each write task holds a decoded photo while it pastes and encodes: the memory plan bounds how many run
+        concurrency=plan.write_tasks,
         max_retries=MAX_RETRIES,
     )
     return ds
@@ -382,11 +395,13 @@ def restore_dataset_graph(ds: ray.data.Dataset, cfg: PipelineConfig, model_info:
     with warnings.catch_warnings():  # as in build_dataset: the retry/restart limits go through **ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         pools = cluster_pools(cfg)
+        plan = cluster_memory(cfg, pools)
+        cfg = dataclasses.replace(cfg, block_megapixels=plan.block_megapixels)  # as build_dataset resolves it
         ds = ds.map_batches(
             rows_from_batch,  # type: ignore[arg-type]  # arguments come through fn_kwargs
             fn_kwargs={"image_column": image_column, "key_column": key_column},
             batch_size=cfg.rows_per_block, batch_format="pyarrow", num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
-        return _face_stages(ds, cfg, None, pools, finish_batch,
+        return _face_stages(ds, cfg, None, pools, plan, finish_batch,
                             {"cfg": cfg, "model_info": model_info, "image_column": image_column,
                              "output_column": output_column, "metadata_column": metadata_column})
 
@@ -395,6 +410,20 @@ def cluster_pools(cfg: PipelineConfig) -> Pools:
     """The pools of a run on the Ray cluster this process is connected to (the rule: :func:`plan_pools`)."""
     res = ray.cluster_resources()
     return plan_pools(cfg, ClusterShape(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0))))
+
+
+def cluster_memory(cfg: PipelineConfig, pools: Pools) -> memory.MemoryPlan:
+    """The memory plan of a run on the Ray cluster this process is connected to (:func:`memory.plan_memory`). The
+    node of a local Ray (no ``--address``, no ``RAY_ADDRESS``: :func:`init_ray` started it) is this machine; on a
+    cluster it is the smallest alive node, its memory what Ray may use there (its ``memory`` and
+    ``object_store_memory`` resources)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    sizes = [int(n["Resources"].get("memory", 0) + n["Resources"].get("object_store_memory", 0)) for n in nodes]
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    node_bytes = memory.machine_memory() if local or not sizes else min(sizes)
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return memory.plan_memory(cfg, node_bytes=node_bytes, cpus=cpus, detect_actors=pools.detect.max_actors,
+                              nodes=max(1, len(nodes)))
 
 
 def _actor_pool(pool: StagePool, *, in_flight: int | None = None) -> ray.data.ActorPoolStrategy:

@@ -135,7 +135,15 @@ class PipelineConfig:
     restore_batch_size: int = _f(
         8, "faces per restorer forward pass; it fixes the networks' batch shape, so like N and tau it is part of "
         "the output's identity (float rounding depends on it)")
-    object_store_memory: int | None = _f(None, "bytes for Ray's object store when starting a local Ray")
+    object_store_memory: int | None = _f(None, "bytes for Ray's object store when starting a local Ray; none: a "
+                                               "quarter of --memory-budget-mb (pipeline/memory.py)")
+    memory_budget_mb: int | None = _f(
+        None, "MiB a run may take on a node for decoded pixels and blocks in flight (pipeline/memory.py): it sizes "
+        "blocks by decoded pixels, the write tasks running at once and a local Ray's object store; none: an eighth "
+        "of the node's memory")
+    block_megapixels: float | None = _f(
+        None, "at most this many decoded megapixels per block (a larger photo travels alone); none: from "
+        "--memory-budget-mb")
     overwrite: bool = _f(False, "redo shards that are already done, also under a changed config")
     verify: bool = _f(False, "on resume, also check each finished output's sha256 against its marker (reads them all)")
     wait: float = _f(0.0, "seconds to wait while another run holds DST (default 0: stop at once and name it)")
@@ -161,7 +169,7 @@ class PipelineConfig:
             "gpus_per_detector", "cpus_per_actor", "detect_batch_size", "object_store_memory",
             "overwrite", "endpoint_url", "record_timings", "rows_per_block", "block_mb", "faces_per_block",
             "verify", "wait", "stop_grace", "limit", "restore_prefetch", "progress", "ray_logs", "report",
-            "report_faces", "report_faces_per_thousand",
+            "report_faces", "report_faces_per_thousand", "memory_budget_mb", "block_megapixels",
         }
     )
 
@@ -192,6 +200,9 @@ class PipelineConfig:
             raise ValueError(f"--simulate-faces-per-s must be > 0, got {self.simulate_faces_per_s}")
         if self.restore_batch_size < 1 or self.detect_batch_size < 1 or self.rows_per_block < 1 or self.block_mb < 1:
             raise ValueError("batch and block sizes must be >= 1")
+        if (self.memory_budget_mb is not None and self.memory_budget_mb < 1) or (
+                self.block_megapixels is not None and self.block_megapixels <= 0):
+            raise ValueError("--memory-budget-mb must be >= 1 and --block-megapixels > 0")
 
     @property
     def skipped_statuses(self) -> frozenset[str]:
@@ -249,6 +260,13 @@ class PipelineConfig:
 
         blob = json.loads(storage.read_bytes(storage.join(self.ddpm, "config.json"), options=self.storage_options()))
         return int(blob.get("config", {}).get("image_size", 256))
+
+    @property
+    def block_pixels(self) -> int:
+        """Decoded pixels per block (a photo with more travels alone): ``block_megapixels``, which the run resolves
+        from the memory budget before its stages start (``pipeline/memory.py``); unresolved (a stage called outside a
+        run), one photo at the pixel limit."""
+        return int(self.block_megapixels * 1e6) if self.block_megapixels is not None else self.max_pixels
 
     @property
     def faces_block(self) -> int:

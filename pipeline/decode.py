@@ -15,6 +15,11 @@ more pixels than allowed (checked before any pixel is decoded, so a decompressio
 ``DECODE_ERROR`` for bytes that are not a readable image of a supported kind (corrupt, truncated,
 animated/multi-page, unknown format such as GIF). An MPO (a camera JPEG carrying extra pictures) is read as
 its first picture and written back as a plain JPEG. Encoding failures raise ``ENCODE_ERROR``.
+
+:func:`read_header` / :func:`decoded_pixels` say how many pixels an image will decode to from its header alone: the
+reader sizes blocks by them (``pipeline/memory.py``), and detection bounds the pixels it holds at once. Decoded
+pixels never travel between stages: detection decodes, the paste-back decodes again, the same bytes to the same
+pixels (a 48 MP photo is 144 MB of RGB, its JPEG a few MB).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import struct
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import cv2
 import numpy as np
@@ -85,6 +89,71 @@ class DecodedImage:
     @property
     def width(self) -> int:
         return int(self.rgb.shape[1])
+
+
+# --------------------------------------------------------------------------------------------- the header
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says before any pixel is decoded: its size in display orientation (EXIF orientation
+    applied, as :func:`decode_image` applies it to the pixels)."""
+
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """The header of ``data`` (Pillow's ``Image.open`` reads the header only), or None when it is not an image
+    Pillow can open (:func:`decode_image` then says why). Cheap: no pixel is decoded, whatever the image's size.
+
+    The orientation comes from the EXIF block the header already holds (``info["exif"]``; a TIFF's own tags), never
+    from ``getexif()`` on a PNG, which may decode the whole image to look for an EXIF chunk after the pixels.
+    """
+    if not data:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                orientation = _header_orientation(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+            return None
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the displayed image is the stored one on its side
+        width, height = height, width
+    return ImageHeader(width=width, height=height)
+
+
+def _header_orientation(im: Image.Image) -> int:
+    try:
+        if im.format == "TIFF":
+            value = im.getexif().get(EXIF_ORIENTATION, 1)  # a TIFF's tags are its header
+        else:
+            raw = im.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            value = exif.get(EXIF_ORIENTATION, 1)
+        orientation = int(value)
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error):  # a broken EXIF block: decode reads it as 1
+        return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
+def decoded_pixels(data: bytes, *, max_pixels: int) -> int:
+    """How many pixels :func:`decode_image` will hold for ``data``, from its header alone: width x height, and 0 for
+    bytes it refuses before decoding a pixel (no readable header, or over ``max_pixels``: status ``too_large``)."""
+    header = read_header(data)
+    if header is None or header.pixels > max_pixels:
+        return 0
+    return header.pixels
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -362,53 +431,3 @@ def _encode_16_bit(decoded: DecodedImage, rgb: np.ndarray) -> bytes:
     if not ok:
         raise ImageError(Status.ENCODE_ERROR, f"OpenCV could not write a 16-bit {decoded.format.value}")
     return bytes(buf.tobytes())
-
-
-# --------------------------------------------------------------------------------------------- carrying
-
-
-def decoded_to_record(d: DecodedImage) -> dict[str, Any]:
-    """What re-encoding needs of ``d``, as plain values for the ``decoded`` column (``schema.DECODED_TYPE``).
-
-    Detection decodes each image once; the rows with faces carry this to the paste-back stage, which rebuilds
-    the :class:`DecodedImage` with :func:`decoded_from_record` instead of decoding the bytes a second time.
-    """
-    return {
-        "format": d.format.value,
-        "mode": d.mode,
-        "height": d.height,
-        "width": d.width,
-        "rgb": np.ascontiguousarray(d.rgb).tobytes(),
-        "alpha": None if d.alpha is None else np.ascontiguousarray(d.alpha).tobytes(),
-        "alpha_dtype": None if d.alpha is None else d.alpha.dtype.str,
-        "pixels16": None if d.pixels16 is None else np.ascontiguousarray(d.pixels16).astype("<u2").tobytes(),
-        "pixels16_channels": None if d.pixels16 is None else (1 if d.pixels16.ndim == 2 else d.pixels16.shape[2]),
-        "gray": d.gray,
-        "icc_profile": d.icc_profile,
-        "exif": d.exif,
-        "orientation": d.orientation,
-        "lossless": d.lossless,
-        "progressive": d.progressive,
-        "tiff_compression": d.tiff_compression,
-    }
-
-
-def decoded_from_record(rec: dict[str, Any], data: bytes) -> DecodedImage:
-    """The :class:`DecodedImage` of ``data`` that :func:`decoded_to_record` described (no decoding).
-
-    The pixel fields (``rgb``, ``alpha``, ``pixels16``) may be bytes or any other buffer, e.g. the Arrow buffers of
-    the block, which are then read in place: ``rgb`` and ``alpha`` are read-only views of them.
-    """
-    h, w = int(rec["height"]), int(rec["width"])
-    rgb = np.frombuffer(rec["rgb"], np.uint8).reshape(h, w, 3)
-    alpha = None if rec["alpha"] is None else np.frombuffer(rec["alpha"], np.dtype(rec["alpha_dtype"])).reshape(h, w)
-    pixels16 = None
-    if rec["pixels16"] is not None:
-        c = int(rec["pixels16_channels"])
-        flat = np.frombuffer(rec["pixels16"], "<u2").astype(np.uint16)
-        pixels16 = flat.reshape(h, w) if c == 1 else flat.reshape(h, w, c)
-    return DecodedImage(
-        data=data, format=ImageFormat(rec["format"]), mode=rec["mode"], rgb=rgb, alpha=alpha, pixels16=pixels16,
-        gray=bool(rec["gray"]), icc_profile=rec["icc_profile"], exif=rec["exif"], orientation=int(rec["orientation"]),
-        lossless=bool(rec["lossless"]), progressive=bool(rec["progressive"]), tiff_compression=rec["tiff_compression"],
-    )

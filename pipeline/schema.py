@@ -23,12 +23,12 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
   flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened), ``degradation`` (the estimate on the aligned
   crop, :mod:`pipeline.degradation`), the face's resolved ``N``/``tau``/``omega``, and ``restored``/``reason``
   (false for a face that is pasted back unchanged, e.g. clean under ``--skip-clean``); all set by the detector.
-* ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration.
+* ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration. Decoded photos never
+  travel: a 48 MP photo is 144 MB of pixels against a few MB of JPEG, so detection keeps only its faces' crops and
+  affines, and the paste-back decodes the ``image`` bytes again (``pipeline/memory.py``).
 * ``restored``: restored faces, same layout as ``crops``; dropped after paste-back.
 * ``dr2_thumbs``: per restored face, DR2's own output (before the enhancer) as a 160x160x3 uint8 thumbnail, for
   the run report's contact sheet.
-* ``decoded``: what re-encoding needs of the decoded image (:func:`pipeline.decode.decoded_to_record`), kept
-  only for rows that have faces to paste back, so that no image is decoded twice.
 * ``output``: the composed, re-encoded image (or the input bytes for a passed-through row).
 * ``status`` / ``error``: on every row, from the reader on.
 * ``timings``: seconds per stage for this row.
@@ -57,7 +57,6 @@ FACES = "faces"
 CROPS = "crops"
 RESTORED = "restored"
 DR2_THUMBS = "dr2_thumbs"
-DECODED = "decoded"
 OUTPUT = "output"
 STATUS = "status"
 ERROR = "error"
@@ -99,27 +98,6 @@ FACE_TYPE = pa.struct(
 )
 NOTE_TYPE = pa.struct([("name", pa.string()), ("reason", pa.string())])
 TIMINGS_TYPE = pa.struct([(name, pa.float64()) for name in STAGES])
-DECODED_TYPE = pa.struct(
-    [
-        ("format", pa.string()),
-        ("mode", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("rgb", pa.large_binary()),
-        ("alpha", pa.large_binary()),
-        ("alpha_dtype", pa.string()),
-        ("pixels16", pa.large_binary()),
-        ("pixels16_channels", pa.int32()),
-        ("gray", pa.bool_()),
-        ("icc_profile", pa.binary()),
-        ("exif", pa.binary()),
-        ("orientation", pa.int32()),
-        ("lossless", pa.bool_()),
-        ("progressive", pa.bool_()),
-        ("tiff_compression", pa.string()),
-    ]
-)
-
 ROW_SCHEMA = pa.schema(
     [
         (KEY, pa.string()),
@@ -134,7 +112,6 @@ ROW_SCHEMA = pa.schema(
         (CROPS, pa.list_(pa.large_binary())),
         (RESTORED, pa.list_(pa.large_binary())),
         (DR2_THUMBS, pa.list_(pa.binary())),
-        (DECODED, DECODED_TYPE),
         (OUTPUT, pa.large_binary()),
         (STATUS, pa.string()),
         (ERROR, pa.string()),

@@ -10,16 +10,22 @@ become that row's ``status``/``error`` through :func:`guarded`; an exception tha
 Stages, in order:
 
 1. :func:`read_units` (CPU task): a group of units (one, or several small ones: ``pipeline.units.read_groups``) ->
-   blocks of at most ``rows_per_block`` rows and ``block_mb`` MiB, each unit's rows followed by its end row.
-2. :func:`detect_block` (actor :class:`DetectStage`): decode, detect (``detect_batch_size`` images per forward),
-   align -> ``faces``, ``crops`` and ``decoded``; yields blocks of at most ``faces_block`` faces, so that the
-   restorer gets work early and a block's decoded pixels stay bounded.
+   blocks of at most ``rows_per_block`` rows, ``block_mb`` MiB and ``block_pixels`` decoded pixels (from the images'
+   headers; ``pipeline/memory.py``), each unit's rows followed by its end row.
+2. :func:`detect_block` (actor :class:`DetectStage`): decode (``detect_batch_size`` images and ``block_pixels`` at a
+   time), detect, align -> ``faces`` and ``crops``, the decoded pixels dropped; yields blocks of at most
+   ``faces_block`` faces, so that the restorer gets work early.
 3. :func:`restore_block` (actor :class:`RestoreStage`): every crop of the block, across images, through the
    restorer in ONE call per DR2 setting (one call unless ``--preset auto``; the restorer alone chunks and pads to its
    batch shape), faces planned unrestored (clean under ``--skip-clean``) passed on as they are; if a call fails, its
    faces are retried one by one so only the images whose faces fail get ``restore_error``.
-4. :func:`compose_block` + :func:`write_block` (CPU task): paste back and encode without decoding again, stage
-   one part per block, return one summary row per part (:data:`pipeline.schema.SUMMARY_SCHEMA`).
+4. :func:`compose_block` + :func:`write_block` (CPU task): decode again the rows with faces to paste (one at a
+   time), paste back over the faces' regions and encode, stage one part per block, return one summary row per part
+   (:data:`pipeline.schema.SUMMARY_SCHEMA`).
+
+Full-resolution pixels never cross the object store: a 48 MP photo is 144 MB decoded and a few MB as a JPEG, so
+blocks carry image bytes, crops and records, and decoding twice (detection, paste-back) costs less than shipping
+the pixels twice (``pipeline/memory.py``).
 
 Torch, OpenCV and the models are imported inside the functions that use them: the driver imports this module
 to hand its classes to Ray and should not pay for what only workers run.
@@ -128,7 +134,13 @@ def _pending(status: str) -> bool:
 
 
 class _BlockBuilder:
-    """Accumulates read rows column by column; ``full`` once a block's row or byte budget is reached."""
+    """Accumulates read rows column by column; ``full`` once a block's row, byte or decoded-pixel budget is reached.
+
+    Pixels are counted from each image's header (:func:`pipeline.decode.decoded_pixels`: nothing is decoded here, and
+    an image over ``max_pixels``, never decoded, counts 0). A row whose pixels would take the block over
+    ``cfg.block_pixels`` closes the block before it joins (``full`` is then true, and ``take`` gives the closed
+    block): a block never holds more decoded pixels than the budget, except one photo larger than it, alone.
+    """
 
     NAMES = (S.KEY, S.UNIT, S.INDEX, S.UNIT_SIZE, S.IMAGE_MEMBER, S.IMAGE, S.MEMBER_NAMES, S.MEMBER_DATA, S.STATUS,
              S.ERROR, S.NOTES, S.TIMINGS)
@@ -136,15 +148,26 @@ class _BlockBuilder:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.max_rows = cfg.rows_per_block
         self.max_bytes = cfg.block_mb * storage.MiB
+        self.max_pixels = cfg.block_pixels
+        self.image_limit = cfg.max_pixels
+        self._closed: pa.Table | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.cols: dict[str, list[Any]] = {n: [] for n in self.NAMES}
         self.bytes = 0
+        self.pixels = 0
 
     def add(self, *, key: str, unit: str, index: int, image_member: str | None, image: bytes | None,
             members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None,
             notes: Sequence[MemberNote] = (), timings: dict[str, float] | None = None) -> None:
+        from pipeline.decode import decoded_pixels
+
+        pixels = decoded_pixels(image, max_pixels=self.image_limit) if image else 0
+        if len(self) and (self._over() or self.pixels + pixels > self.max_pixels):
+            if self._closed is not None:
+                raise RuntimeError("a full block must be taken before the next row is added")
+            self._closed = self._build()  # this row would take the block over its budget: it starts the next one
         c = self.cols
         c[S.KEY].append(key)
         c[S.UNIT].append(unit)
@@ -159,15 +182,26 @@ class _BlockBuilder:
         c[S.NOTES].append([{"name": n.name, "reason": n.reason} for n in notes] or None)
         c[S.TIMINGS].append(timings)
         self.bytes += sum(len(d) for _, d in members) + (len(image) if image else 0)
+        self.pixels += pixels
 
     def __len__(self) -> int:
         return len(self.cols[S.KEY])
 
+    def _over(self) -> bool:
+        return len(self) >= self.max_rows or self.bytes >= self.max_bytes or self.pixels >= self.max_pixels
+
     @property
     def full(self) -> bool:
-        return len(self) >= self.max_rows or self.bytes >= self.max_bytes
+        return self._closed is not None or self._over()
 
     def take(self) -> pa.Table:
+        """The closed block if a row closed one, else the rows gathered so far."""
+        if self._closed is not None:
+            table, self._closed = self._closed, None
+            return table
+        return self._build()
+
+    def _build(self) -> pa.Table:
         table = block_table(self.cols, len(self))
         self._reset()
         return table
@@ -234,12 +268,17 @@ def read_units_batch(batch: pa.Table, cfg: PipelineConfig) -> Iterator[pa.Table]
 
 
 def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Iterator[pa.Table]:
-    """Decode each pending row, detect faces ``detect_batch_size`` images at a time, align the chosen ones.
+    """Decode the pending rows a window at a time, detect each image's faces, align the chosen ones.
 
-    Yields the block in slices of at most ``cfg.faces_block`` faces (a slice ends after the row that reaches
-    it), so the restorer starts early and the decoded pixels held at once stay bounded.
+    A window holds at most ``detect_batch_size`` images and ``cfg.block_pixels`` decoded pixels (from the headers;
+    one larger image alone): that is all this stage holds decoded at once, however Ray merged the blocks it is given.
+    The decoded pixels stay here: the row keeps its faces' records and 512x512 crops (the paste-back decodes the
+    image bytes again, ``pipeline/memory.py``).
+
+    Yields the block in slices of at most ``cfg.faces_block`` faces (a slice ends after the window that reaches it),
+    so the restorer starts early.
     """
-    from pipeline.decode import decoded_to_record
+    from pipeline.decode import decoded_pixels
     from pipeline.degradation import estimate_degradation
     from pipeline.faces import AlignOptions, align_faces
 
@@ -256,12 +295,11 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
     n = table.num_rows
     faces: list[list[dict[str, Any]] | None] = [None] * n
     crops: list[list[bytes] | None] = [None] * n
-    decoded_col: list[dict[str, Any] | None] = [None] * n
     start, face_count = 0, 0
-    bs = cfg.detect_batch_size
-    for b in range(0, len(todo), bs):
+    for window in _pixel_windows(todo, cfg.detect_batch_size, cfg.block_pixels,
+                                 lambda i: decoded_pixels(images[i].as_py(), max_pixels=cfg.max_pixels)):
         batch: list[tuple[int, DecodedImage]] = []
-        for i in todo[b : b + bs]:
+        for i in window:
             t0 = time.perf_counter()
             img = guarded(status, error, i, S.Status.DECODE_ERROR, decode_image, images[i].as_py(), cfg.max_pixels)
             timings[i]["decode"] += time.perf_counter() - t0
@@ -286,17 +324,33 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
                 if aligned is not None:  # the estimate runs on what DR2 is given: the aligned crop (timed as align)
                     faces[i] = [_face_record(f.meta, estimate_degradation(f.crop, thresholds), cfg) for f in aligned]
                     crops[i] = [f.crop.tobytes() for f in aligned]
-                    if aligned:
-                        decoded_col[i] = decoded_to_record(img)
-                        face_count += len(aligned)
-                    else:
+                    face_count += len(aligned)
+                    if not aligned:
                         status[i], error[i] = S.Status.NO_FACE.value, ""
                 timings[i]["align"] += time.perf_counter() - t0
-        last = todo[min(b + bs, len(todo)) - 1]
+        del batch, img  # the window's decoded pixels go before the next window is decoded
+        last = window[-1]
         if face_count >= cfg.faces_block and last + 1 < n:
-            yield _detected(table, start, last + 1, status, error, timings, faces, crops, decoded_col)
+            yield _detected(table, start, last + 1, status, error, timings, faces, crops)
             start, face_count = last + 1, 0
-    yield _detected(table, start, n, status, error, timings, faces, crops, decoded_col)
+    yield _detected(table, start, n, status, error, timings, faces, crops)
+
+
+def _pixel_windows(rows: list[int], max_rows: int, max_pixels: int,
+                   pixels_of: Callable[[int], int]) -> Iterator[list[int]]:
+    """``rows`` in order, in windows of at most ``max_rows`` whose ``pixels_of`` sum to at most ``max_pixels``; a row
+    over ``max_pixels`` makes a window of its own."""
+    window: list[int] = []
+    held = 0
+    for r in rows:
+        px = pixels_of(r)
+        if window and (len(window) >= max_rows or held + px > max_pixels):
+            yield window
+            window, held = [], 0
+        window.append(r)
+        held += px
+    if window:
+        yield window
 
 
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
@@ -306,11 +360,11 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
 
 
 def _detected(table: pa.Table, start: int, stop: int, status: list[str], error: list[str],
-              timings: list[dict[str, float]], faces: list[Any], crops: list[Any], decoded: list[Any]) -> pa.Table:
+              timings: list[dict[str, float]], faces: list[Any], crops: list[Any]) -> pa.Table:
     part = table.slice(start, stop - start)
     sl = slice(start, stop)
     return _replace(part, {S.STATUS: status[sl], S.ERROR: error[sl], S.TIMINGS: timings[sl], S.FACES: faces[sl],
-                           S.CROPS: crops[sl], S.DECODED: decoded[sl]})
+                           S.CROPS: crops[sl]})
 
 
 def _face_record(meta: Any, degradation: Degradation | None = None,
@@ -486,7 +540,7 @@ class Composed:
 
 
 def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
-    """Paste restored faces back and encode, from the ``decoded`` column (no second decode).
+    """Paste restored faces back and encode, decoding each row's image bytes again, one row at a time.
 
     Rows never restored (no crops) end as ``no_face``.
     """
@@ -508,6 +562,7 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
                         pasted[i] = _pasted_regions(rgb, [f["box"] for f in table.column(S.FACES)[i].as_py()])
                     except ValueError as e:  # a box outside the photo: the report goes without this row's regions
                         log.warning("row %d: no pasted region for the report: %s", i, e)
+                del out, rgb  # the composed photo goes before the next row is decoded
             timings[i]["compose"] += time.perf_counter() - t0
         if _pending(status[i]):  # never restored (e.g. no crops): pass through
             status[i] = S.Status.NO_FACE.value
@@ -515,30 +570,18 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
 
 
 def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> tuple[bytes, np.ndarray]:
-    """Row ``i``'s output bytes and composed photo: the faces pasted, each over its region only, into a copy of the
-    decoded pixels, which are read in place from the block (no decode, no copy through Python bytes)."""
+    """Row ``i``'s output bytes and composed photo: the image bytes decoded again (the same bytes give the same
+    pixels as detection's decode; pixels never travel between stages, ``pipeline/memory.py``), the faces pasted over
+    their regions only. Called one row at a time, so a write task holds one decoded photo at once."""
     from pipeline.decode import encode_image
     from pipeline.faces import paste_faces
 
-    img = _decoded_in_place(table, i)
+    img = decode_image(table.column(S.IMAGE)[i].as_py(), cfg.max_pixels)
     affines = [np.array(f["affine"], np.float64).reshape(2, 3) for f in table.column(S.FACES)[i].as_py()]
     restored = [np.frombuffer(b, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3)
                 for b in table.column(S.RESTORED)[i].as_py()]
     rgb = paste_faces(img.rgb, affines, restored)
     return encode_image(img, rgb, jpeg_quality=cfg.jpeg_quality), rgb
-
-
-def _decoded_in_place(table: pa.Table, i: int) -> DecodedImage:
-    """Row ``i``'s decoded image from its ``decoded`` and ``image`` columns, the pixels read from the block's Arrow
-    buffers (``as_py`` would copy them into Python bytes first)."""
-    from pipeline.decode import decoded_from_record
-
-    decoded = table.column(S.DECODED)[i]
-    rec = {name: v.as_buffer() if name in _PIXEL_FIELDS else v.as_py() for name, v in decoded.items()}
-    return decoded_from_record(rec, table.column(S.IMAGE)[i].as_py())
-
-
-_PIXEL_FIELDS = frozenset({"rgb", "alpha", "pixels16"})  # the binary fields of ``decoded`` that hold pixels
 
 
 def _pasted_regions(rgb: np.ndarray, boxes: list[list[float]]) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from dr2.restorer import PassthroughRestorer
 from pipeline import report, shards, stages
 from pipeline import schema as S
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.decode import decode_image, decoded_from_record, decoded_to_record, encode_image
+from pipeline.decode import decode_image, encode_image
 from pipeline.faces import paste_faces
 from pipeline.models import build_detector
 from pipeline.units import Unit, UnitKind
@@ -110,11 +110,10 @@ def test_detect_block_decodes_detects_aligns_and_reblocks_by_faces(tmp_path: Pat
     faces = dict(zip(got.column(S.KEY).to_pylist(), got.column(S.FACES).to_pylist(), strict=True))
     assert len(faces["astro"]) == 1 and len(faces["hopper"]) == 1
     assert len(faces["astro"][0]["landmarks"]) == 10 and len(faces["astro"][0]["affine"]) == 6
-    decoded = got.column(S.DECODED).to_pylist()
-    pending = [s == "pending" for s in got.column(S.STATUS).to_pylist()]
-    assert [d is not None for d in decoded][:-1] == pending[:-1] and decoded[-1] is None  # not for the end row
     crops = got.column(S.CROPS).to_pylist()[0]
     assert len(crops) == 1 and len(crops[0]) == 512 * 512 * 3
+    # no decoded photo travels on: the block grew by its two faces' crops and the records, not by any photo's pixels
+    assert got.nbytes - table.nbytes < 2 * 512 * 512 * 3 + 64 * 1024 < 512 * 600 * 3 * 2
     assert got.column(S.TIMINGS).to_pylist()[0]["detect"] > 0
 
 
@@ -149,8 +148,8 @@ def test_restore_block_retries_a_failed_batch_face_by_face(tmp_path: Path, photo
     assert restored[1] is None
 
 
-def test_write_block_composes_without_decoding_again_and_stages_one_part(tmp_path: Path, photos: dict[str, bytes],
-                                                                         detector: Any) -> None:
+def test_write_block_decodes_again_composes_and_stages_one_part(tmp_path: Path, photos: dict[str, bytes],
+                                                                detector: Any) -> None:
     cfg = cfg_for(tmp_path)
     table = _block(tmp_path, photos, ["astro", "plain", "bad"], cfg)
     table = pa.concat_tables([stages.restore_block(b, FailsOnDarkFaces(), cfg)
@@ -169,7 +168,7 @@ def test_write_block_composes_without_decoding_again_and_stages_one_part(tmp_pat
     meta = json.loads(dict(samples[0].members)["dr2.json"])
     assert meta["status"] == "ok" and len(meta["faces"]) == 1 and len(meta["faces"][0]["landmarks"]) == 5
     assert dict(samples[1].members)["jpg"] == photos["plain"] and dict(samples[2].members)["jpg"] == photos["bad"]
-    # the output equals a paste-back onto a fresh decode: carrying the decoded image changed nothing
+    # the output equals a paste-back onto a fresh decode of the input bytes
     img = decode_image(photos["astro"], max_pixels=cfg.max_pixels)
     crop = np.frombuffer(table.column(S.RESTORED).to_pylist()[0][0], np.uint8).reshape(512, 512, 3)
     affine = np.array(meta["faces"][0]["affine"], np.float64)
@@ -196,12 +195,16 @@ def test_compose_keeps_only_the_faces_regions_of_the_composed_photo(tmp_path: Pa
     assert stages.compose_block(table, cfg_for(tmp_path, report=False)).pasted == {}
 
 
-@pytest.mark.parametrize("kind", ["jpeg", "rgba_png", "png16", "gray"])
-def test_decoded_record_round_trip(kind: str) -> None:
-    rgb = degrade(astronaut(), 2, seed=0)[:120, :100]
+@pytest.mark.parametrize("kind", ["jpeg", "rgba_png", "png16", "gray", "exif_rotated"])
+def test_compose_decodes_each_format_again_as_detection_did(tmp_path: Path, kind: str) -> None:
+    """The paste-back decodes the row's image bytes itself (no pixels travel from detection): for every kind of
+    decoded image (alpha, 16-bit, gray, EXIF-rotated), its output is a paste onto ``decode_image`` of those bytes."""
+    rgb = degrade(astronaut(), 2, seed=0)[:300, :260]
     buf = io.BytesIO()
-    if kind == "jpeg":
-        Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    if kind in ("jpeg", "exif_rotated"):
+        exif = Image.Exif()
+        exif[0x0112] = 6 if kind == "exif_rotated" else 1
+        Image.fromarray(rgb).save(buf, "JPEG", quality=90, exif=exif.tobytes())
     elif kind == "rgba_png":
         Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 77, np.uint8)])).save(buf, "PNG")
     elif kind == "png16":
@@ -210,21 +213,16 @@ def test_decoded_record_round_trip(kind: str) -> None:
         Image.fromarray(rgb[..., 1]).save(buf, "PNG")
     data = buf.getvalue()
     d = decode_image(data, max_pixels=10**8)
-    rec = pa.array([decoded_to_record(d)], S.DECODED_TYPE).to_pylist()[0]  # through Arrow, as in the pipeline
-    back = decoded_from_record(rec, data)
-    for name in ("rgb", "alpha", "pixels16"):
-        a, b = getattr(d, name), getattr(back, name)
-        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
-    edited = d.rgb.copy()
-    edited[10:20, 10:20] = 0
-    assert encode_image(back, edited) == encode_image(d, edited)
-    # as compose reads it: the pixels straight from the block's Arrow buffers, without a copy through bytes
-    table = stages.block_table({S.DECODED: [decoded_to_record(d)], S.IMAGE: [data]}, 1)
-    in_place = stages._decoded_in_place(table, 0)
-    for name in ("rgb", "alpha", "pixels16"):
-        a, b = getattr(d, name), getattr(in_place, name)
-        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
-    assert in_place.data == data and encode_image(in_place, edited) == encode_image(d, edited)
+    affine = np.array([[2.0, 0.1, -40.0], [-0.1, 2.0, -30.0]])  # photo -> crop: a face region inside the photo
+    face = np.full((512, 512, 3), 200, np.uint8)
+    record = {"box": [20.0, 15.0, 200.0, 240.0], "score": 1.0, "landmarks": [0.0] * 10,
+              "affine": [float(v) for v in affine.ravel()]}
+    table = stages.block_table({S.IMAGE: [data], S.INDEX: [0], S.STATUS: ["pending"], S.ERROR: [""],
+                                S.FACES: [[record]], S.RESTORED: [[face.tobytes()]]}, 1)
+    composed = stages.compose_block(table, cfg_for(tmp_path))
+    assert composed.status == ["ok"], composed.error
+    want = encode_image(d, paste_faces(d.rgb, [affine], [face]))
+    assert composed.output[0] == want and want != data
 
 
 def test_skip_status_leaves_samples_out_of_the_output_but_in_the_counts(tmp_path: Path, photos: dict[str, bytes],

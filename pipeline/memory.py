@@ -1,0 +1,107 @@
+"""The run's memory budget: what a run may take on one node for decoded pixels and blocks in flight, and how it is
+split between the Ray object store, the block size in decoded pixels and the write tasks running at once.
+
+Why a budget and not block bytes: archives hold compressed images. A 48 MP camera JPEG is 5-20 MB on disk and
+144 MB of RGB once decoded, so blocks bounded by input bytes (``--block-mb``) say nothing about what a stage holds.
+What a run holds, per node:
+
+* the object store: blocks in flight between stages. They carry compressed bytes, face crops (768 KiB each) and
+  records, never decoded photos (detection keeps only its faces' crops and affines; the paste-back decodes the
+  image bytes again): a local Ray's store gets ``OBJECT_STORE_SHARE`` of the budget (``--object-store-memory``
+  wins), and Ray Data holds back the stages feeding it when it fills;
+* the decoding workers: every detector actor and every write task holds the photos it is working on, decoded, at
+  about ``PEAK_BYTES_PER_PIXEL`` bytes per pixel at its peak (measured on a 48 MP JPEG: decode and MTCNN about 6,
+  decode, paste-back and encode about 9; a 16-bit PNG or TIFF takes about twice that). Each holds at most one
+  block's worth of decoded pixels at once: detection decodes ``detect_batch_size`` images at a time within the
+  block's pixel budget, the paste-back one image at a time.
+
+:func:`plan_memory` gives every decoding slot (the detector pool's largest size plus the write tasks, which it
+limits to one per CPU) an equal share of what the object store leaves, and sizes blocks so that a block's decoded
+pixels fit that share: ``block_pixels = (budget - store) / slots / PEAK_BYTES_PER_PIXEL``. A photo larger than
+that travels alone in its block (its worker goes over its share for that photo); one over ``--max-pixels`` is
+never decoded and costs nothing.
+
+The budget defaults to ``NODE_SHARE`` of the node's memory (the smallest node's, on a cluster), since Ray's own
+processes, the models and the Python interpreters of every worker come on top of it (about 2 GB on a 2-core node: the
+driver, the raylet, a detector and a restorer actor, write workers with torch imported for the quality measures);
+``--memory-budget-mb`` sets it, ``--block-megapixels`` sets the block size directly. None of these change an output
+byte.
+
+Caveat (ray 2.60): Ray Data merges what one read task yields into blocks of up to 128 MiB of (compressed) bytes, so
+the reader's pixel-sized blocks may reach the detector merged; detection then walks the merged block in windows of
+the block budget, so the pixels it holds stay bounded all the same.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+MiB = 2**20
+NODE_SHARE = 0.125  # of the node's memory, when --memory-budget-mb is not given (3 GiB of a 24 GiB node)
+OBJECT_STORE_SHARE = 0.25  # of the budget, for a local Ray's object store
+MIN_OBJECT_STORE = 256 * MiB  # a store smaller than this spills blocks of ordinary photos to disk
+PEAK_BYTES_PER_PIXEL = 12  # what a decoding worker holds per decoded pixel at its peak (measured ~9; see above)
+MIN_BLOCK_PIXELS = 1_000_000  # below this, per-block costs (a Ray call, a staged part) outweigh the work
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a run spends its per-node budget (bytes): the object store, the write tasks at once, the block size."""
+
+    budget_bytes: int
+    object_store_bytes: int
+    write_tasks: int
+    block_pixels: int
+
+    @property
+    def block_megapixels(self) -> float:
+        return self.block_pixels / 1e6
+
+    def describe(self) -> str:
+        return (f"memory budget {self.budget_bytes // MiB} MiB per node: object store {self.object_store_bytes // MiB}"
+                f" MiB, {self.write_tasks} write task(s) at once, blocks of at most {self.block_megapixels:g} decoded "
+                "megapixels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory, in bytes."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def budget_bytes(cfg: PipelineConfig, node_bytes: int) -> int:
+    """The per-node budget: ``--memory-budget-mb``, else ``NODE_SHARE`` of ``node_bytes``."""
+    if cfg.memory_budget_mb is not None:
+        return cfg.memory_budget_mb * MiB
+    return int(node_bytes * NODE_SHARE)
+
+
+def object_store_bytes(cfg: PipelineConfig, node_bytes: int) -> int:
+    """A local Ray's object store: ``--object-store-memory``, else ``OBJECT_STORE_SHARE`` of the budget (at least
+    ``MIN_OBJECT_STORE``)."""
+    if cfg.object_store_memory is not None:
+        return cfg.object_store_memory
+    return max(MIN_OBJECT_STORE, int(budget_bytes(cfg, node_bytes) * OBJECT_STORE_SHARE))
+
+
+def plan_memory(cfg: PipelineConfig, *, node_bytes: int, cpus: float, detect_actors: int,
+                nodes: int = 1) -> MemoryPlan:
+    """The plan of a run whose smallest node has ``node_bytes`` of memory, on a cluster of ``cpus`` CPUs over
+    ``nodes`` nodes with at most ``detect_actors`` detector actors (see the module docstring)."""
+    budget = budget_bytes(cfg, node_bytes)
+    store = object_store_bytes(cfg, node_bytes)
+    write_tasks = max(1, int(cpus))  # compose is CPU work: a second task per core only doubles the pixels held
+    slots_per_node = max(1.0, (detect_actors + write_tasks) / max(1, nodes))
+    if cfg.block_megapixels is not None:
+        block_pixels = int(cfg.block_megapixels * 1e6)
+    else:
+        share = max(0, budget - store) / slots_per_node
+        block_pixels = max(MIN_BLOCK_PIXELS, int(share // PEAK_BYTES_PER_PIXEL))
+    return MemoryPlan(budget_bytes=budget, object_store_bytes=store, write_tasks=write_tasks, block_pixels=block_pixels)
