@@ -1,4 +1,4 @@
-"""The per-face degradation estimate (``pipeline/degradation.py``): its cost per face and its calibration table.
+"""The per-face degradation estimate (``pipeline/imaging/degradation.py``): its cost per face and its calibration table.
 
     .venv/bin/python benchmarks/bench_degradation.py [--repeats 5] [--measures]
 
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.pipeline
 
-from pipeline.degradation import ESTIMATOR_VERSION, DegradationThresholds, Verdict, estimate_degradation  # noqa: E402
+from pipeline.imaging.degradation import ESTIMATOR_VERSION, DegradationThresholds, Verdict, estimate_degradation  # noqa: E402
 from tests.pipeline.test_degradation import (  # noqa: E402
     DOWNSCALED_8,
     LADDER_FACES,

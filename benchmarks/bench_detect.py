@@ -10,8 +10,9 @@ best of ``--repeats`` timed runs after one warm-up. ``max_side`` rows detect on 
 
 ``--check`` (what ``scripts/gpu_check.sh`` runs): detection on ``--device`` (the torch path, what CUDA runs)
 against the same code on CPU and against the CPU default (OpenCV) on the same photos, 512 px to 2 MP; prints the
-largest differences next to the stated tolerances (``pipeline.mtcnn.DEVICE_TOLERANCE``, ``RESAMPLER_TOLERANCE``),
-then ``--device``'s images/s on batches of 2 MP photos. Exit status 1 when a difference is out of tolerance.
+largest differences next to the stated tolerances (``pipeline.imaging.mtcnn.DEVICE_TOLERANCE``,
+``RESAMPLER_TOLERANCE``), then ``--device``'s images/s on batches of 2 MP photos. Exit status 1 when a difference is out
+of tolerance.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.pipeline.photos
 
-from pipeline.mtcnn import (  # noqa: E402
+from pipeline.imaging.mtcnn import (  # noqa: E402
     DEVICE_TOLERANCE,
     MTCNN,
     RESAMPLER_TOLERANCE,

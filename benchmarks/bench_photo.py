@@ -5,11 +5,12 @@
 Builds real photos of 1, 2 and 3 MP (``jobs/demo_data``: Grace Hopper and the astronaut, upscaled onto an
 upscaled coffee-cup background with a little grain) with one face, and a 2 MP one with three faces; encodes
 each as a JPEG (quality 92) into a tar shard of ``--images`` samples, and runs the pipeline's own stage
-functions on it exactly as the workers do: :func:`~pipeline.stages.read_unit`, :func:`~pipeline.stages.detect_block`
-(decode, MTCNN with the default ``detect_max_side`` 2048, align), :func:`~pipeline.stages.restore_block` with the
-passthrough restorer, and :func:`~pipeline.stages.write_block` into a temporary DST (compose: paste back and encode;
-quality measures and report thumbnails as ``_judge_faces`` does, every face selected for the contact sheet as in
-a small run; dr2.json, the tar part, staging). Torch and OpenCV run on one thread, as in a Ray worker.
+functions on it exactly as the workers do: :func:`~pipeline.graph.stages.read_unit`,
+:func:`~pipeline.graph.stages.detect_block` (decode, MTCNN with the default ``detect_max_side`` 2048, align),
+:func:`~pipeline.graph.stages.restore_block` with the passthrough restorer, and
+:func:`~pipeline.graph.stages.write_block` into a temporary DST (compose: paste back and encode; quality measures and
+report thumbnails as ``_judge_faces`` does, every face selected for the contact sheet as in a small run; dr2.json, the
+tar part, staging). Torch and OpenCV run on one thread, as in a Ray worker.
 
 Figures are CPU milliseconds per image (``time.process_time``, so other load on the machine does not count),
 the minimum over ``--repeats`` runs after one warm-up. The split inside a stage comes from timers wrapped around
@@ -45,18 +46,18 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import pipeline.decode  # noqa: E402
-import pipeline.faces  # noqa: E402
-import pipeline.mtcnn  # noqa: E402
-import pipeline.quality  # noqa: E402
-import pipeline.report  # noqa: E402
-import pipeline.shards  # noqa: E402
-import pipeline.stages as stages  # noqa: E402
+import pipeline.formats.shards  # noqa: E402
+import pipeline.graph.stages as stages  # noqa: E402
+import pipeline.imaging.decode  # noqa: E402
+import pipeline.imaging.faces  # noqa: E402
+import pipeline.imaging.mtcnn  # noqa: E402
+import pipeline.imaging.quality  # noqa: E402
+import pipeline.runner.report  # noqa: E402
 from jobs.demo import demo_photo, jpeg_bytes  # noqa: E402
 from pipeline import schema as S  # noqa: E402
 from pipeline.config import PipelineConfig, RestorerKind  # noqa: E402
-from pipeline.models import build_detector, restorer_from_config  # noqa: E402
-from pipeline.units import Unit, UnitKind  # noqa: E402
+from pipeline.formats.units import Unit, UnitKind  # noqa: E402
+from pipeline.graph.models import build_detector, restorer_from_config  # noqa: E402
 
 log = logging.getLogger("bench_photo")
 
@@ -168,14 +169,14 @@ def _targets(detector: Any) -> list[tuple[Any, str, str]]:
     return [
         (stages, "decode_image", "decode"),
         (detector, "detect", "detect"),
-        (pipeline.faces, "paste_faces", "paste"),
-        (pipeline.decode, "encode_image", "encode"),
+        (pipeline.imaging.faces, "paste_faces", "paste"),
+        (pipeline.imaging.decode, "encode_image", "encode"),
         (stages, "compose_block", "compose"),
-        (pipeline.quality, "measure_face", "quality"),
-        (pipeline.report, "write_face_images", "thumbs"),
-        (pipeline.report, "pasted_region", "thumbs"),  # called by _judge_faces before issue 16; now compose cuts it
+        (pipeline.imaging.quality, "measure_face", "quality"),
+        (pipeline.runner.report, "write_face_images", "thumbs"),
+        (pipeline.runner.report, "pasted_region", "thumbs"),  # _judge_faces called it before issue 16
         (stages, "encode_tar_part", "tar"),
-        (pipeline.shards, "write_part", "stage_part"),
+        (pipeline.formats.shards, "write_part", "stage_part"),
     ]
 
 
@@ -277,8 +278,8 @@ def _detect_once(detector: Any, rgb: np.ndarray) -> tuple[dict[str, float], list
         return out
 
     targets = [(detector.pnet, "forward", "P-Net"), (detector.rnet, "forward", "R-Net"),
-               (detector.onet, "forward", "O-Net"), (pipeline.mtcnn, "batched_nms", "nms"),
-               (pipeline.mtcnn, "_pnet_boxes", "P-Net boxes")]
+               (detector.onet, "forward", "O-Net"), (pipeline.imaging.mtcnn, "batched_nms", "nms"),
+               (pipeline.imaging.mtcnn, "_pnet_boxes", "P-Net boxes")]
     with timers.wrapping(targets):
         setattr(cv2, "resize", timed_resize)  # noqa: B010 - patched for the timing only
         try:
@@ -294,7 +295,7 @@ def _detect_once(detector: Any, rgb: np.ndarray) -> tuple[dict[str, float], list
 
 def profile_detect(spec: PhotoSpec, detector: Any, repeats: int) -> None:
     """Where MTCNN's CPU time goes on ``spec``'s photo (decoded as the pipeline does), min over repeats."""
-    rgb = pipeline.decode.decode_image(jpeg_bytes(build_photo(spec)), max_pixels=10**9).rgb
+    rgb = pipeline.imaging.decode.decode_image(jpeg_bytes(build_photo(spec)), max_pixels=10**9).rgb
     best: dict[str, float] = {}
     for _ in range(repeats):
         s, levels, found = _detect_once(detector, rgb)

@@ -51,15 +51,15 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import jobs.restore as restore_job  # noqa: E402
+import pipeline.runner.loop as restore_job  # noqa: E402
 from jobs.demo import degrade, demo_photo, jpeg_bytes  # noqa: E402
-from pipeline.build import init_ray  # noqa: E402
 from pipeline.config import PipelineConfig, RestorerKind  # noqa: E402
-from pipeline.decode import decode_image, encode_image  # noqa: E402
-from pipeline.faces import AlignOptions, align_faces, paste_faces  # noqa: E402
-from pipeline.models import build_detector, pick_device, restorer_from_config  # noqa: E402
-from pipeline.sources import expand_sources  # noqa: E402
-from pipeline.wds import iter_tar_samples, pick_image_member  # noqa: E402
+from pipeline.formats.wds import iter_tar_samples, pick_image_member  # noqa: E402
+from pipeline.graph.build import init_ray  # noqa: E402
+from pipeline.graph.models import build_detector, pick_device, restorer_from_config  # noqa: E402
+from pipeline.imaging.decode import decode_image, encode_image  # noqa: E402
+from pipeline.imaging.faces import AlignOptions, align_faces, paste_faces  # noqa: E402
+from pipeline.store.sources import expand_sources  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -383,7 +383,7 @@ def plan_on_s3(n: int) -> str:
         bucket = server.make_bucket()
         from concurrent.futures import ThreadPoolExecutor
 
-        from pipeline import storage
+        from pipeline.store import storage
 
         storage.reset_clients()
         client = storage.s3_client()

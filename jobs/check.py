@@ -13,11 +13,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline import storage
 from pipeline.formats import FORMATS, Format
-from pipeline.storage import StorageOptions
-from pipeline.units import MANIFEST_DIR, MARKER_SUFFIX, STAGING_DIR, Unit, UnitKind
-from pipeline.wds import ShardReadError
+from pipeline.formats.units import MANIFEST_DIR, MARKER_SUFFIX, STAGING_DIR, Unit, UnitKind
+from pipeline.formats.wds import ShardReadError
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 OUTPUT_SUFFIXES = tuple(s for f in FORMATS.values() for s in f.output_suffixes)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from jobs.configargs import dataclass_from_args
 from jobs.parser import build_parser
-from pipeline import stopping
 from pipeline.config import PRESETS, PipelineConfig, load_preset
-from pipeline.console import setup_logging
+from pipeline.runner import stopping
+from pipeline.runner.console import setup_logging
 
 log = logging.getLogger("dr2")
 
@@ -22,8 +22,8 @@ log = logging.getLogger("dr2")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from jobs.restore import plan_units, run_restore, select_todo
-    from pipeline.models import model_identity
+    from pipeline.graph.models import model_identity
+    from pipeline.runner.loop import plan_units, run_restore, select_todo
 
     overrides: dict[str, Any] = {"src": args.src, "dst": args.dst}
     if args.quiet:
@@ -41,7 +41,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if len(todo) > 20:
             print(f"  ... and {len(todo) - 20} more")
         return 0
-    with stopping.handling("restore", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/stopping.py
+    with stopping.handling("restore", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/runner/stopping.py
         summary = run_restore(cfg)
     print(summary.table())
     print(f"output: {cfg.dst}")
@@ -57,17 +57,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from jobs import nightly_state as ns
+    from pipeline.runner import nightly_state as ns
 
     if args.history:
         print(ns.format_history(ns.NightlyState(args.history), last=args.last))
         return 0
     if not (args.src and args.dst and args.state):
         raise ValueError("dr2 nightly needs SRC DST --state STATE_URI (or --history STATE_URI)")
-    from jobs.nightly import run_nightly_job
+    from pipeline.runner.nightly import run_nightly_job
 
     cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
-    with stopping.handling("nightly", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/stopping.py
+    with stopping.handling("nightly", grace_s=cfg.stop_grace):  # Ctrl-C, SIGTERM: pipeline/runner/stopping.py
         record = run_nightly_job(cfg, args.state, max_attempts=args.max_attempts,
                                  retry_quarantined=args.retry_quarantined, wave=args.wave)
     print(ns.summary_line(record, args.state))
@@ -76,7 +76,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_check_output(args: argparse.Namespace) -> int:
     from jobs.check import check_output, format_checks
-    from pipeline.storage import StorageOptions
+    from pipeline.store.storage import StorageOptions
 
     checks = check_output(args.dst, options=StorageOptions(endpoint_url=args.endpoint_url))
     print(format_checks(checks))
@@ -85,8 +85,8 @@ def cmd_check_output(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import build_demo_archive, write_detection_preview, write_preview
-    from jobs.restore import run_restore
     from pipeline.config import RestorerKind
+    from pipeline.runner.loop import run_restore
 
     archive = build_demo_archive(args.out / "archive")
     real = bool(args.ddpm)
@@ -187,7 +187,7 @@ COMMANDS["check-output"] = cmd_check_output
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from jobs.estimate import DEFAULT_MFU, estimate, format_estimate, to_json
-    from pipeline.capacity import ClusterShape
+    from pipeline.graph.capacity import ClusterShape
 
     logging.getLogger().setLevel(logging.WARNING)  # the sample's per-row warnings are not the estimate
     cfg = dataclass_from_args(PipelineConfig, args, src=args.src, dst=args.dst)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose, quiet=bool(getattr(args, "quiet", False)))
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipeline/stopping.py): one line, 130 or 143
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipeline/runner/stopping.py): one line, 130 or 143
         print(stopping.final_line(args.command), file=sys.stderr)
         sys.stderr.flush()
         stopping.said()
@@ -235,12 +235,12 @@ def explain(e: BaseException) -> str:
     """One line for an error, with what to do about it where we know."""
     import errno
 
-    from jobs.restore import one_line
-    from pipeline.leases import LeaseHeld
+    from pipeline.runner.loop import one_line
+    from pipeline.store.leases import LeaseHeld
 
     if isinstance(e, LeaseHeld):
         return f"{e} (pass --wait SECONDS to wait for it)"
-    if type(e).__name__ == "StageDiedError":  # pipeline.build's, named so that an error does not import Ray
+    if type(e).__name__ == "StageDiedError":  # pipeline.graph.build's, named so that an error does not import Ray
         return (f"{e}. Units committed before are intact; a rerun resumes. To see why it died, rerun with "
                 "-v --ray-logs (and check the memory of the machine: dmesg | grep -i oom).")
     if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):

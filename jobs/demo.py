@@ -31,8 +31,8 @@ import webdataset as wds
 from PIL import Image
 
 from dr2.restorer import FACE_SIZE
-from pipeline.decode import ImageError, decode_image
-from pipeline.faces import BORDER_VALUE, FFHQ_TEMPLATE_512, FaceMeta
+from pipeline.imaging.decode import ImageError, decode_image
+from pipeline.imaging.faces import BORDER_VALUE, FFHQ_TEMPLATE_512, FaceMeta
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``dr2 estimate SRC``: what an archive will cost, before it runs.
 
-1. Lists SRC as ``dr2 restore`` does (:func:`jobs.restore.plan_units`).
+1. Lists SRC as ``dr2 restore`` does (:func:`pipeline.runner.loop.plan_units`).
 2. Samples a few units (seeded) and, in this process and one thread (as a Ray worker runs them), runs the CPU stages on
    up to ``--sample-images`` of their images for real: read, decode, detect (MTCNN), align, the restorer where it
    runs here (passthrough, the tiny models), compose (paste back, quality measures, report thumbnails) and write
@@ -8,7 +8,8 @@
 3. The restorer's seconds per face: measured here (tiny, passthrough), stated (simulate: 1 / --simulate-faces-per-s),
    or, for DR2, ``--restorer-faces-per-s`` (what ``dr2 bench`` measured on your GPU) else the FLOP model
    (UNet calls x 387.9 GFLOP + SPARNetHD 1447.1 GFLOP per face) over the named GPU's datasheet peak x ``--mfu``.
-4. The capacity model (:mod:`pipeline.capacity`) for the cluster shape given (``--cpus``/``--gpus``/``--gpu-type``;
+4. The capacity model (:mod:`pipeline.graph.capacity`) for the cluster shape given
+(``--cpus``/``--gpus``/``--gpu-type``;
    default: this machine, local Ray): each stage's capacity, the bottleneck, throughput, the whole ``dr2 restore``
    command's wall time (start-up included), GPU-hours, and the pools it recommends.
 
@@ -31,9 +32,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.restore import plan_units
 from pipeline import schema as S
-from pipeline.capacity import (
+from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.graph.capacity import (
     ACTOR_CALL_S,
     CPU_EFFICIENCY,
     TASK_CPUS,
@@ -46,8 +48,7 @@ from pipeline.capacity import (
     predict,
     recommend,
 )
-from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.units import Unit, UnitKind
+from pipeline.runner.loop import plan_units
 
 # --- the FLOP model of full-size DR2 (jobs/bench.py counts them with torch's FlopCounterMode on meta tensors) ---
 UNET_GFLOP = 387.9  # one call of the 256x256 FFHQ DDPM UNet, one face
@@ -95,7 +96,7 @@ def sample_units(units: Sequence[Unit], k: int, seed: int) -> list[Unit]:
 
 def _capped(unit: Unit, cfg: PipelineConfig, max_rows: int) -> Iterator[Any]:
     """The unit's blocks (``read_unit``), stopping after about ``max_rows`` rows."""
-    from pipeline.stages import read_unit
+    from pipeline.graph.stages import read_unit
 
     if unit.kind is UnitKind.IMAGES and len(unit.images) > max_rows:
         rng = random.Random(unit.name)
@@ -113,8 +114,8 @@ def measure_sample(cfg: PipelineConfig, units: Sequence[Unit], max_images: int) 
     import cv2
     import torch
 
-    from pipeline.models import build_detector, pick_device, restorer_from_config
-    from pipeline.stages import detect_block, restore_block, write_block
+    from pipeline.graph.models import build_detector, pick_device, restorer_from_config
+    from pipeline.graph.stages import detect_block, restore_block, write_block
 
     torch.set_num_threads(1)  # as a Ray worker with one CPU
     cv2.setNumThreads(1)
@@ -128,7 +129,7 @@ def measure_sample(cfg: PipelineConfig, units: Sequence[Unit], max_images: int) 
     restorer = restorer_from_config(run_cfg, device)
     with tempfile.TemporaryDirectory(prefix="dr2-estimate-") as tmp:
         wcfg = dataclasses.replace(run_cfg, dst=tmp, report_faces_per_thousand=run_cfg.report_faces_per_thousand or 5)
-        from pipeline.models import model_identity
+        from pipeline.graph.models import model_identity
 
         info = model_identity(wcfg)
         # one untimed pass over a few rows first: imports, kernel selection and first-call costs are paid once per

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from dr2.restorer import FACE_SIZE
 from pipeline.config import RestorerKind
-from pipeline.models import WEIGHTS_HELP, build_restorer, pick_device
-from pipeline.sources import IMAGE_SUFFIXES
+from pipeline.graph.models import WEIGHTS_HELP, build_restorer, pick_device
+from pipeline.store.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

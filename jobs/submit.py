@@ -18,7 +18,7 @@ What travels with a job (its ``runtime_env``):
 * ``env_vars``: what ``--env KEY=VALUE`` gives (e.g. ``AWS_ENDPOINT_URL``). Credentials are never shipped:
   a runtime_env is stored in the cluster and shown on the dashboard. Nodes get S3 access from their role. And
   ``RAY_JOB_STOP_WAIT_TIME_S`` (unless ``--env`` sets it): ``--stop`` has Ray's job manager send the entrypoint
-  SIGTERM, which the job handles as Ctrl-C (pipeline/stopping.py: the commits under way finish within the job's
+  SIGTERM, which the job handles as Ctrl-C (pipeline/runner/stopping.py: the commits under way finish within the job's
   ``--stop-grace``, its lease is released), and SIGKILL it after this many seconds, 3 by default in Ray 2.60: too
   soon for a commit under way. Ray reads it in the job's supervisor actor, which runs in the job's runtime_env;
   it is set to the grace period + :data:`STOP_MARGIN_S`.

@@ -17,12 +17,12 @@ keyword overrides of one, or both, and ``preset=`` as ``--preset`` (:func:`~pipe
 values win over the preset).
 
 What is shared with ``dr2 restore``, so that the bytes agree: a one-image call builds the same record rows
-(:func:`pipeline.dataset.record_block`) and runs ``detect_block``, ``restore_block``, ``compose_block`` and
-``rows_metadata`` of :mod:`pipeline.stages`, in this process; a dataset runs them on the run's own Ray stages, pools
-and failure bounds (:func:`pipeline.build.restore_dataset_graph`). A face's noise is seeded from the seed, a unit name,
-the sample's key and the face's index: pass the ``key`` (and ``unit``) ``dr2 restore`` gave a sample to get its bytes
-(a tar's sample key and shard name; for a folder of images the relative path and the chunk named in the manifest);
-by default the key is the image's content hash, so the one-image call and the dataset agree with each other.
+(:func:`pipeline.graph.dataset.record_block`) and runs ``detect_block``, ``restore_block``, ``compose_block`` and
+``rows_metadata`` of :mod:`pipeline.graph.stages`, in this process; a dataset runs them on the run's own Ray stages,
+pools and failure bounds (:func:`pipeline.graph.build.restore_dataset_graph`). A face's noise is seeded from the seed, a
+unit name, the sample's key and the face's index: pass the ``key`` (and ``unit``) ``dr2 restore`` gave a sample to get
+its bytes (a tar's sample key and shard name; for a folder of images the relative path and the chunk named in the
+manifest); by default the key is the image's content hash, so the one-image call and the dataset agree with each other.
 
 Example, one image::
 
@@ -57,14 +57,14 @@ import numpy as np
 
 from pipeline import schema as S
 from pipeline.config import PipelineConfig, with_preset
-from pipeline.dataset import UNIT, check_columns, content_key, image_suffix, record_block
+from pipeline.graph.dataset import UNIT, check_columns, content_key, image_suffix, record_block
 
 if TYPE_CHECKING:
     import ray.data
 
-    from jobs.restore import RunSummary  # TODO(lead): run loop moves to pipeline/run/ at merge
-    from pipeline.degradation import Degradation
-    from pipeline.quality import FaceQuality
+    from pipeline.imaging.degradation import Degradation
+    from pipeline.imaging.quality import FaceQuality
+    from pipeline.runner.loop import RunSummary  # TODO(lead): run loop moves to pipeline/runner/ at merge
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class RestoredFace:
 
     ``box`` is (x1, y1, x2, y2) and ``landmarks`` five (x, y) points (eyes, nose, mouth corners) in the photo's
     pixels; ``affine`` the 2x3 photo-to-crop matrix of the 512x512 FFHQ alignment. ``quality`` and ``flags`` (restored
-    faces only) are :mod:`pipeline.quality`'s measures and what they flag; ``degradation`` the estimate on the aligned
-    crop; ``N``/``tau``/``omega`` the DR2 setting the face got; ``restored`` false (with a ``reason``) for a face
-    pasted back unchanged (clean, under ``skip_clean``). ``crop`` is the aligned input and ``restored_face`` the
+    faces only) are :mod:`pipeline.imaging.quality`'s measures and what they flag; ``degradation`` the estimate on the
+    aligned crop; ``N``/``tau``/``omega`` the DR2 setting the face got; ``restored`` false (with a ``reason``) for a
+    face pasted back unchanged (clean, under ``skip_clean``). ``crop`` is the aligned input and ``restored_face`` the
     output, 512x512x3 uint8 RGB (None where the face failed to restore).
     """
 
@@ -151,7 +151,7 @@ class RestoredImage:
         depth), or None where the output is not a readable image (status ``decode_error``)."""
         if self.output is None:
             return None
-        from pipeline.decode import ImageError, decode_image
+        from pipeline.imaging.decode import ImageError, decode_image
 
         try:
             return decode_image(self.output, max_pixels=2**62).rgb
@@ -201,7 +201,7 @@ class Restorer:
     """
 
     def __init__(self, config: PipelineConfig | None = None, *, preset: str | None = None, **overrides: Any) -> None:
-        from pipeline.models import build_detector, model_identity, pick_device, restorer_from_config
+        from pipeline.graph.models import build_detector, model_identity, pick_device, restorer_from_config
 
         self.config = resolve_config(config, preset=preset, **overrides)
         self.model_info = model_identity(self.config)  # refuses DR2 without weights, checks N against the DDPM
@@ -267,7 +267,7 @@ class Restorer:
         import pyarrow as pa
         import torch
 
-        from pipeline.stages import compose_block, detect_block, restore_block, rows_metadata
+        from pipeline.graph.stages import compose_block, detect_block, restore_block, rows_metadata
 
         cfg = self.config
         table = record_block(datas, keys, members, unit)
@@ -289,7 +289,7 @@ class Restorer:
 
 
 def _pixels(faces: list[bytes] | None, j: int) -> np.ndarray | None:
-    from pipeline.stages import FACE_SIZE
+    from pipeline.graph.stages import FACE_SIZE
 
     if not faces or j >= len(faces):
         return None
@@ -297,9 +297,9 @@ def _pixels(faces: list[bytes] | None, j: int) -> np.ndarray | None:
 
 
 def _face(entry: dict[str, Any], crop: np.ndarray | None, restored: np.ndarray | None) -> RestoredFace:
-    """A face's ``dr2.json`` entry (:func:`pipeline.stages.face_json` + quality), typed."""
-    from pipeline.degradation import Degradation
-    from pipeline.quality import FaceQuality
+    """A face's ``dr2.json`` entry (:func:`pipeline.graph.stages.face_json` + quality), typed."""
+    from pipeline.imaging.degradation import Degradation
+    from pipeline.imaging.quality import FaceQuality
 
     q = entry.get("quality")
     a = entry["affine"]
@@ -338,13 +338,13 @@ def restore_dataset(ds: ray.data.Dataset, *, image_column: str = "image", key_co
     ``key_column`` names the faces' noise per row (default: the image's content hash, so a row's output does not
     depend on how Ray splits the data). The options are ``dr2 restore``'s (``config``, ``preset``, keyword overrides);
     the pools (``restore_actors``, ``gpus_per_restorer``, ...), batching and failure bounds are the run's
-    (``pipeline/build.py``). Starts Ray (as Ray Data would) if it is not running: the pools follow the cluster.
+    (``pipeline/graph/build.py``). Starts Ray (as Ray Data would) if it is not running: the pools follow the cluster.
 
     >>> ds = restore_dataset(ray.data.read_parquet("in/"), restorer="tiny")  # doctest: +SKIP
     >>> ds.filter(lambda row: row["dr2_status"] == "ok").write_parquet("out/")  # doctest: +SKIP
     """
-    from pipeline.build import restore_dataset_graph
-    from pipeline.models import model_identity
+    from pipeline.graph.build import restore_dataset_graph
+    from pipeline.graph.models import model_identity
 
     cfg = resolve_config(config, preset=preset, **overrides)
     if cfg.skipped_statuses:
@@ -371,6 +371,6 @@ def run(config: PipelineConfig | None = None, *, preset: str | None = None, **ov
     >>> summary = run(src="photos/", dst="restored/", restorer="passthrough")  # doctest: +SKIP
     >>> summary.units_done, dict(summary.statuses)                            # doctest: +SKIP
     """
-    from jobs.restore import run_restore  # TODO(lead): run loop moves to pipeline/run/ at merge
+    from pipeline.runner.loop import run_restore  # TODO(lead): run loop moves to pipeline/runner/ at merge
 
     return run_restore(with_preset(config, preset, **overrides))

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from dr2.configs import check_known_keys
 from pipeline.schema import FINAL_STATUSES, FaceSelect
-from pipeline.storage import StorageOptions
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
-    from pipeline.degradation import DegradationThresholds
-    from pipeline.quality import QualityThresholds
+    from pipeline.imaging.degradation import DegradationThresholds
+    from pipeline.imaging.quality import QualityThresholds
 
 
 class InputFormat(StrEnum):
@@ -71,14 +71,14 @@ class PipelineConfig:
     tau: int = _f(35, "DR2 output step tau (0..99): larger smooths more")
     omega: int | None = _f(None, "DR2 start step omega (tau..99); none = the official rule from N and tau (see "
                            "resolved_omega)")
-    # --- per-face strength (pipeline/degradation.py): --preset auto sets adaptive ---
+    # --- per-face strength (pipeline/imaging/degradation.py): --preset auto sets adaptive ---
     adaptive: bool = _f(False, "per-face DR2 setting from each face's degradation verdict (--preset auto): mild -> "
                                "N=4/tau=22, moderate -> N=8/tau=35, severe -> N=16/tau=35, omega by the official rule; "
                                "--N/--tau/--omega are then not used")
     skip_clean: bool | None = _f(None, "paste faces whose verdict is clean back unchanged instead of restoring them "
                                        "(dr2.json says restored: false and why); none: on with --adaptive, else off")
     clean_max_factor: float = _f(2.5, "degradation score (an equivalent low-pass factor at the 512 crop) up to which "
-                                      "a face is clean (pipeline/degradation.py DegradationThresholds)")
+                                      "a face is clean (pipeline/imaging/degradation.py DegradationThresholds)")
     mild_max_factor: float = _f(8.0, "degradation score up to which a face is mild (above: moderate)")
     moderate_max_factor: float = _f(16.0, "degradation score up to which a face is moderate (above: severe)")
     seed: int = _f(0, "base seed; each face's noise is seeded from (seed, shard, key, face index)")
@@ -114,8 +114,8 @@ class PipelineConfig:
     device: str = _f("auto", "restorer device: auto (cuda if Ray gives the actor a GPU), cpu, cuda")
     restore_actors: int | None = _f(None, "restorer actors; none: one per GPU of the cluster (one on a CPU-only one)")
     detect_actors: int | None = _f(
-        None, "detector actors; none: sized to the cluster (pipeline/capacity.py: an autoscaling pool, up to two per "
-        "GPU when the restorers have GPUs, else up to half the CPUs the restorers leave)")
+        None, "detector actors; none: sized to the cluster (pipeline/graph/capacity.py: an autoscaling pool, up to "
+        "two per GPU when the restorers have GPUs, else up to half the CPUs the restorers leave)")
     gpus_per_restorer: float | None = _f(
         None, "GPUs per restorer actor; none: 0.8 when the cluster has GPUs and detection runs there (the rest "
         "holds two detectors), 1 when --gpus-per-detector 0, else 0 (a fraction shares a GPU)")
@@ -136,11 +136,11 @@ class PipelineConfig:
         8, "faces per restorer forward pass; it fixes the networks' batch shape, so like N and tau it is part of "
         "the output's identity (float rounding depends on it)")
     object_store_memory: int | None = _f(None, "bytes for Ray's object store when starting a local Ray; none: a "
-                                               "quarter of --memory-budget-mb (pipeline/memory.py)")
+                                               "quarter of --memory-budget-mb (pipeline/graph/memory.py)")
     memory_budget_mb: int | None = _f(
-        None, "MiB a run may take on a node for decoded pixels and blocks in flight (pipeline/memory.py): it sizes "
-        "blocks by decoded pixels, the write tasks running at once and a local Ray's object store; none: an eighth "
-        "of the node's memory")
+        None, "MiB a run may take on a node for decoded pixels and blocks in flight (pipeline/graph/memory.py): it "
+        "sizes blocks by decoded pixels, the write tasks running at once and a local Ray's object store; none: an "
+        "eighth of the node's memory")
     block_megapixels: float | None = _f(
         None, "at most this many decoded megapixels per block (a larger photo travels alone); none: from "
         "--memory-budget-mb")
@@ -224,8 +224,9 @@ class PipelineConfig:
         return self.adaptive if self.skip_clean is None else self.skip_clean
 
     def degradation_thresholds(self) -> DegradationThresholds:
-        """The verdict's cuts (:class:`pipeline.degradation.DegradationThresholds`) from the ``*_max_factor`` fields."""
-        from pipeline.degradation import DegradationThresholds  # OpenCV: imported where the estimate is needed
+        """The verdict's cuts (:class:`pipeline.imaging.degradation.DegradationThresholds`) from the ``*_max_factor``
+        fields."""
+        from pipeline.imaging.degradation import DegradationThresholds  # OpenCV: imported where the estimate is needed
 
         return DegradationThresholds(clean_max_factor=self.clean_max_factor, mild_max_factor=self.mild_max_factor,
                                      moderate_max_factor=self.moderate_max_factor)
@@ -242,7 +243,7 @@ class PipelineConfig:
         return n, tau, default_omega(n, tau)
 
     def quality_thresholds(self) -> QualityThresholds:
-        from pipeline.quality import QualityThresholds
+        from pipeline.imaging.quality import QualityThresholds
 
         return QualityThresholds(min_lowfreq_psnr=self.suspect_min_lowfreq_psnr, max_delta_e=self.suspect_max_delta_e,
                                  min_sharpness_gain=self.suspect_min_sharpness_gain,
@@ -256,7 +257,7 @@ class PipelineConfig:
             return 64
         if self.restorer is RestorerKind.PASSTHROUGH or not self.ddpm:
             return 512
-        from pipeline import storage
+        from pipeline.store import storage
 
         blob = json.loads(storage.read_bytes(storage.join(self.ddpm, "config.json"), options=self.storage_options()))
         return int(blob.get("config", {}).get("image_size", 256))
@@ -264,8 +265,8 @@ class PipelineConfig:
     @property
     def block_pixels(self) -> int:
         """Decoded pixels per block (a photo with more travels alone): ``block_megapixels``, which the run resolves
-        from the memory budget before its stages start (``pipeline/memory.py``); unresolved (a stage called outside a
-        run), one photo at the pixel limit."""
+        from the memory budget before its stages start (``pipeline/graph/memory.py``); unresolved (a stage called
+        outside a run), one photo at the pixel limit."""
         return int(self.block_megapixels * 1e6) if self.block_megapixels is not None else self.max_pixels
 
     @property
@@ -281,7 +282,7 @@ class PipelineConfig:
 
     def output_hash(self, model_info: dict[str, Any]) -> str:
         """sha256 of the output-relevant fields plus the models' identity (weight checksums)."""
-        from pipeline.degradation import ESTIMATOR_VERSION  # the verdicts (and so N/tau, skips) depend on it
+        from pipeline.imaging.degradation import ESTIMATOR_VERSION  # the verdicts (and so N/tau, skips) depend on it
 
         relevant = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS
                     and not (k in self.HASHED_WHEN_SET and v == self.HASHED_WHEN_SET[k])}
@@ -306,7 +307,7 @@ its degradation verdict's setting). The CLI's ``--preset`` and the Python API ta
 PRESET_HELP = (
     "N/tau from the official demo's three settings: mild (N=4, tau=22), moderate (N=8, tau=35), "
     "severe (N=16, tau=35). Explicit --N/--tau win. auto (--adaptive): each face gets the setting of its "
-    "degradation verdict (pipeline/degradation.py), and clean faces are pasted back unrestored (--skip-clean)."
+    "degradation verdict (pipeline/imaging/degradation.py), and clean faces are pasted back unrestored (--skip-clean)."
 )
 
 

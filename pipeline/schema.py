@@ -9,7 +9,7 @@ same (its original bytes pass through unchanged).
 Columns (Arrow types in :data:`ROW_SCHEMA`):
 
 * ``key``: the sample key (WebDataset ``__key__``, or the relative path for plain images).
-* ``unit``: the unit of work, stats and resume (:class:`pipeline.units.Unit` name): the input shard's
+* ``unit``: the unit of work, stats and resume (:class:`pipeline.formats.units.Unit` name): the input shard's
   relative name, or an image chunk's name.
 * ``index``: the sample's position inside its unit (output order). ``-1`` marks a unit's END ROW, emitted by
   the reader after the unit's last sample, whose ``unit_size`` says how many samples the unit held and whose
@@ -21,18 +21,18 @@ Columns (Arrow types in :data:`ROW_SCHEMA`):
   holds empty bytes (its bytes travel once, in ``image``; the writer puts the output back in that slot).
 * ``faces``: per detected and aligned face: ``box`` (x1, y1, x2, y2), ``score``, ``landmarks`` (5 x (x, y),
   flattened), ``affine`` (the 2x3 photo -> crop matrix, flattened), ``degradation`` (the estimate on the aligned
-  crop, :mod:`pipeline.degradation`), the face's resolved ``N``/``tau``/``omega``, and ``restored``/``reason``
+  crop, :mod:`pipeline.imaging.degradation`), the face's resolved ``N``/``tau``/``omega``, and ``restored``/``reason``
   (false for a face that is pasted back unchanged, e.g. clean under ``--skip-clean``); all set by the detector.
 * ``crops``: aligned 512x512x3 uint8 faces (raw bytes) between detection and restoration. Decoded photos never
   travel: a 48 MP photo is 144 MB of pixels against a few MB of JPEG, so detection keeps only its faces' crops and
-  affines, and the paste-back decodes the ``image`` bytes again (``pipeline/memory.py``).
+  affines, and the paste-back decodes the ``image`` bytes again (``pipeline/graph/memory.py``).
 * ``restored``: restored faces, same layout as ``crops``; dropped after paste-back.
 * ``dr2_thumbs``: per restored face, DR2's own output (before the enhancer) as a 160x160x3 uint8 thumbnail, for
   the run report's contact sheet.
 * ``output``: the composed, re-encoded image (or the input bytes for a passed-through row).
 * ``status`` / ``error``: on every row, from the reader on.
 * ``timings``: seconds per stage for this row.
-* ``notes``: members that could not be carried under their own name (:class:`pipeline.wds.MemberNote`): on a
+* ``notes``: members that could not be carried under their own name (:class:`pipeline.formats.wds.MemberNote`): on a
   sample row they go to its ``dr2.json`` (``skipped_members``); on an end row (e.g. a sample whose key itself is
   unsafe) to the unit's stats marker.
 """
@@ -78,7 +78,7 @@ DEGRADATION_TYPE = pa.struct(
         ("version", pa.string()),
     ]
 )
-"""A face's degradation estimate (:class:`pipeline.degradation.Degradation`, its fields as they are)."""
+"""A face's degradation estimate (:class:`pipeline.imaging.degradation.Degradation`, its fields as they are)."""
 
 FACE_TYPE = pa.struct(
     [

@@ -9,7 +9,7 @@
 # 2. `dr2 verify-fixtures` (the golden fixtures, CPU reference path), then the same fixtures on the device:
 #    fp32 within 1e-4 (TF32 off), bf16 and fp16 within their measured bands (dr2/verify.py DEVICE_BANDS);
 # 3. face detection on the device against the CPU paths on the same photos (max differences against
-#    pipeline/mtcnn.py's stated tolerances) and the device's detection images/s on 2 MP photos at batch 8 and 32
+#    pipeline/imaging/mtcnn.py's stated tolerances) and the device's detection images/s on 2 MP photos at batch 8 and 32
 #    (benchmarks/bench_detect.py --check, under a minute; needs scikit-image, matplotlib and the facenet-pytorch
 #    weights: installed, or carried as .venv/lib/python3*/site-packages/facenet_pytorch);
 # 4. `dr2 bench` at full size (random weights) for batch sizes 8,32 in fp32 and bf16 (plus bf16 compiled),
@@ -126,7 +126,7 @@ if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('facenet_py
     "$PY" -m pip install --quiet --timeout 10 --retries 0 --no-deps facenet-pytorch==2.6.0 2>/dev/null || true
   fi
 fi
-if PYTHONPATH="$DETECT_PATH" "$PY" -c "import skimage, matplotlib, cv2; from pipeline.mtcnn import mtcnn_weights_dir as w; w()" \
+if PYTHONPATH="$DETECT_PATH" "$PY" -c "import skimage, matplotlib, cv2; from pipeline.imaging.mtcnn import mtcnn_weights_dir as w; w()" \
     2>/dev/null; then
   if [[ "$DEVICE" == cpu ]]; then DETECT_BATCHES=2; else DETECT_BATCHES=8,32; fi
   PYTHONPATH="$DETECT_PATH" timeout 240 "$PY" benchmarks/bench_detect.py --check --device "$DEVICE" \

@@ -52,7 +52,7 @@ def s3_server() -> Iterator[S3Server]:
     ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``; they are set for the
     session and restored at its end. Start Ray AFTER this fixture so its workers inherit them.
     """
-    from pipeline import storage
+    from pipeline.store import storage
 
     server = S3Server.start()
     mp = pytest.MonkeyPatch()

@@ -1,19 +1,19 @@
 """The contract every archive format implements (STYLE rule 15): list units, read rows, encode parts, assemble.
 
 A format is one class behind this interface; the stages, the commit and the run loop ask a unit's format
-(:attr:`pipeline.units.Unit.format`) and never which format they hold. Adding a format is adding a file here and
+(:attr:`pipeline.formats.units.Unit.format`) and never which format they hold. Adding a format is adding a file here and
 a line in :data:`pipeline.formats.FORMATS`. What a format decides:
 
 * **planning**: which inputs of SRC are its units (:meth:`Format.list_units`), and anything DST must record before
   the run starts (:meth:`Format.prepare_dst`, e.g. the image folders' chunk layout);
 * **names**: where a unit's output and its commit marker live (:meth:`Format.output_uri`, :meth:`Format.marker_uri`);
-  staging names are the same for every format (:meth:`pipeline.units.Unit.staging_uri`);
+  staging names are the same for every format (:meth:`pipeline.formats.units.Unit.staging_uri`);
 * **reading**: the unit's samples as :class:`ReadRow` s, in output order (:meth:`Format.read`); the stages pack
   them into bounded blocks;
 * **parts**: a block's finished rows as the bytes of one staged part (:meth:`Format.encode_part`), deterministic
   for the same rows, so that a retried block rewrites the same part;
 * **commit**: the covering parts streamed, in order, into the one output file (:meth:`Format.assemble`), never
-  the whole unit in memory; :func:`pipeline.shards.commit` wraps it with the atomic write, the checksum and the
+  the whole unit in memory; :func:`pipeline.formats.shards.commit` wraps it with the atomic write, the checksum and the
   marker, which is the same for every format;
 * **checking**: how many samples a committed output holds (:meth:`Format.count_output`, ``dr2 check-output``).
 """
@@ -25,15 +25,16 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
-from pipeline import failpoints, storage
-from pipeline.storage import StorageOptions
+from pipeline import failpoints
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from pipeline.config import PipelineConfig
-    from pipeline.units import Unit, UnitKind
-    from pipeline.wds import MemberNote
+    from pipeline.formats.units import Unit, UnitKind
+    from pipeline.formats.wds import MemberNote
 
 COPY_CHUNK = 8 * storage.MiB
 
@@ -81,7 +82,7 @@ class PartRows:
 
 class OutputSink:
     """The committed output as a format writes it: counts its bytes and hashes them on the way to ``out`` (an
-    :class:`~pipeline.storage.AtomicWriter` file). ``close`` does nothing: the atomic writer publishes the object,
+    :class:`~pipeline.store.storage.AtomicWriter` file). ``close`` does nothing: the atomic writer publishes the object,
     whatever a library writing into the sink (pyarrow's ParquetWriter) does at its end."""
 
     def __init__(self, out: IO[bytes]) -> None:

@@ -8,9 +8,9 @@ import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.sources import expand_source_objects
-from pipeline.storage import ObjectInfo
+from pipeline.store import storage
+from pipeline.store.sources import expand_source_objects
+from pipeline.store.storage import ObjectInfo
 
 
 def common_dir(uris: Sequence[str]) -> str:

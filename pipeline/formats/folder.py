@@ -1,4 +1,5 @@
-"""Image folders: plain image files under a folder or S3 prefix, in stable chunks (:func:`pipeline.units.image_chunks`).
+"""Image folders: plain image files under a folder or S3 prefix, in stable chunks
+(:func:`pipeline.formats.units.image_chunks`).
 
 Each image is written to ``DST/<its relative path>`` as soon as its block is done (atomic, idempotent); a chunk's
 part is its rows' manifest lines (the ``dr2.json`` fields plus unit and index), staged AFTER the images, so that a
@@ -13,16 +14,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import schema as S
-from pipeline import storage
 from pipeline.formats.base import Format, OutputSink, PartRows, ReadResult, ReadRow, copy_parts
 from pipeline.formats.files import inside
-from pipeline.sources import IMAGE_SUFFIXES, list_image_inputs
-from pipeline.storage import StorageOptions
-from pipeline.units import MANIFEST_DIR, MARKER_SUFFIX, Unit, UnitKind, image_chunks
+from pipeline.formats.units import MANIFEST_DIR, MARKER_SUFFIX, Unit, UnitKind, image_chunks
+from pipeline.store import storage
+from pipeline.store.sources import IMAGE_SUFFIXES, list_image_inputs
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
-    from pipeline.wds import MemberNote
+    from pipeline.formats.wds import MemberNote
 
 LAYOUT_FILE = "_dr2/layout.json"
 

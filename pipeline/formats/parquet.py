@@ -12,7 +12,7 @@ The output contract:
   whose ``path`` and other fields are kept) and holds the restored image where faces were restored, else the input's
   bytes (a null image stays null: status ``no_image``, never a dropped row);
 * a ``dr2`` string column appended last (replacing one of an earlier run): per row, the JSON document a tar sample's
-  ``dr2.json`` holds (:func:`pipeline.stages.sample_metadata`). A string, not a struct: the document is nested and
+  ``dr2.json`` holds (:func:`pipeline.graph.stages.sample_metadata`). A string, not a struct: the document is nested and
   open-ended (keys appear by config: ``timings``, ``simulated``, ``skipped_members``; per face ``degradation`` and
   ``quality`` records), and a struct's type would follow the rows and the code version; one ``string`` type keeps
   every output file's schema the same, which Hugging Face ``datasets`` needs to load several files as one split and
@@ -22,8 +22,8 @@ The output contract:
   reader needs) follows the input, whatever blocks the run cut.
 
 How, in bounded memory: the reader reads only the image column (and ``key``), row group by row group
-(``ParquetFile.read_row_group``, through :func:`pipeline.storage.open_read`, seekable on S3). A part is an Arrow IPC
-stream of the block's output rows: ``index``, the image bytes and the ``dr2`` text. The commit reads the input again
+(``ParquetFile.read_row_group``, through :func:`pipeline.store.storage.open_read`, seekable on S3). A part is an Arrow
+IPC stream of the block's output rows: ``index``, the image bytes and the ``dr2`` text. The commit reads the input again
 row group by row group WITHOUT its image bytes (the other columns, and the struct's other fields), takes the parts'
 rows of that row group from a cursor over the parts, and writes one output row group: one input row group and its
 outputs in memory at a time, never the file. The writer's options are fixed (:data:`WRITER_OPTIONS`) and parquet
@@ -39,19 +39,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import failpoints, storage
+from pipeline import failpoints
 from pipeline import schema as S
 from pipeline.formats.base import Format, OutputSink, PartRows, ReadResult, ReadRow
 from pipeline.formats.files import list_files
-from pipeline.storage import StorageOptions
-from pipeline.units import MARKER_SUFFIX, Unit, UnitKind, shard_unit
-from pipeline.wds import IMAGE_EXTENSIONS
+from pipeline.formats.units import MARKER_SUFFIX, Unit, UnitKind, shard_unit
+from pipeline.formats.wds import IMAGE_EXTENSIONS
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
     from pipeline.config import PipelineConfig
-    from pipeline.wds import MemberNote
+    from pipeline.formats.wds import MemberNote
 
 log = logging.getLogger(__name__)
 

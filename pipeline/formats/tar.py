@@ -1,9 +1,9 @@
 """WebDataset tar shards: one input ``.tar`` is one unit and one output ``.tar`` of the same relative name.
 
-Reading and writing go through the tar codec (:mod:`pipeline.wds`): samples are read as members grouped by key,
+Reading and writing go through the tar codec (:mod:`pipeline.formats.wds`): samples are read as members grouped by key,
 every member travels byte for byte, the image member's slot holds the composed image, and ``dr2.json`` is appended
 last. Parts are tar bytes without the end-of-archive blocks, so that the commit concatenates them and closes the
-archive once (:func:`pipeline.wds.tar_trailer`).
+archive once (:func:`pipeline.formats.wds.tar_trailer`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import schema as S
-from pipeline import storage
 from pipeline.formats.base import Format, OutputSink, PartRows, ReadResult, ReadRow, copy_parts
 from pipeline.formats.files import list_files
-from pipeline.storage import StorageOptions
-from pipeline.units import MARKER_SUFFIX, Unit, UnitKind, shard_unit
-from pipeline.wds import (
+from pipeline.formats.units import MARKER_SUFFIX, Unit, UnitKind, shard_unit
+from pipeline.formats.wds import (
     MemberNote,
     Sample,
     ShardReadError,
@@ -27,6 +25,8 @@ from pipeline.wds import (
     pick_image_member,
     tar_trailer,
 )
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
     import pyarrow as pa

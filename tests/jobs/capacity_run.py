@@ -24,9 +24,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from jobs.estimate import estimate
-from jobs.restore import run_restore
-from pipeline.capacity import ClusterShape
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.graph.capacity import ClusterShape
+from pipeline.runner.loop import run_restore
 
 NODE: dict[str, Any] = {"object_store_memory": 200 * 2**20, "include_dashboard": False}
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.wds import tar_trailer
+from pipeline.formats.wds import tar_trailer
 from tests.pipeline.photos import astronaut, grace_hopper
 
 MAX_PIXELS = 1_000_000

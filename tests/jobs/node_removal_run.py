@@ -23,8 +23,8 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.restore import run_restore
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner.loop import run_restore
 
 NODE: dict[str, Any] = {"object_store_memory": 150 * 2**20, "include_dashboard": False}
 ACTORS = ("DetectActor", "RestoreActor", "FlightLog")

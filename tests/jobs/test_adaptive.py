@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from dr2.restorer import DR2Restorer
-from jobs.restore import RunSummary, run_restore
 from pipeline import schema as S
-from pipeline import stages
 from pipeline.config import ADAPTIVE_SETTINGS, PipelineConfig, RestorerKind, load_preset
-from pipeline.degradation import DegradationThresholds
+from pipeline.graph import stages
+from pipeline.imaging.degradation import DegradationThresholds
+from pipeline.runner.loop import RunSummary, run_restore
 from tests.jobs.archive import encode, no_face_image
 from tests.pipeline import photos
 

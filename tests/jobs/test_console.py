@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from jobs.demo import build_demo_archive
-from pipeline.console import ConsoleHandler, setup_logging
+from pipeline.runner.console import ConsoleHandler, setup_logging
 from tests.jobs.test_interrupt import kill_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,10 +117,10 @@ def test_our_log_records_are_one_line_each_and_other_libraries_only_warn(capsys:
         try:
             raise ValueError("bad bytes\nat offset 3")
         except ValueError:
-            logging.getLogger("pipeline.stages").warning("row %d:\n  skipped", 4, exc_info=True)
-        logging.getLogger("pipeline.build").info("starting a local Ray with %d CPUs", 2)
+            logging.getLogger("pipeline.graph.stages").warning("row %d:\n  skipped", 4, exc_info=True)
+        logging.getLogger("pipeline.graph.build").info("starting a local Ray with %d CPUs", 2)
         logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
-        logging.getLogger("pipeline.build").debug("not shown without -v")
+        logging.getLogger("pipeline.graph.build").debug("not shown without -v")
         logging.getLogger("urllib3.connectionpool").warning("a library's warning")
     finally:
         for h in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:

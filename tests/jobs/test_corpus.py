@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import webdataset as wds
 
-from jobs.restore import RunSummary, run_restore
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.wds import split_member_name
+from pipeline.formats.wds import split_member_name
+from pipeline.runner.loop import RunSummary, run_restore
 from tests.jobs.corpus import MAX_PIXELS, Case, ShardCase, build_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

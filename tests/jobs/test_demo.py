@@ -15,8 +15,8 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.demo import BOX_COLOUR, DEMO_STRENGTHS, build_demo_archive, write_detection_preview
-from pipeline.faces import align_faces
-from pipeline.mtcnn import load_mtcnn
+from pipeline.imaging.faces import align_faces
+from pipeline.imaging.mtcnn import load_mtcnn
 
 EXPECTED_STATUSES = {
     "astronaut_x2": "ok", "hopper_x4": "ok", "astronaut_x8": "ok", "coffee": "no_face", "corrupt": "decode_error",

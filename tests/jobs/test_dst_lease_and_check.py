@@ -13,13 +13,14 @@ import pytest
 
 from jobs.check import check_output
 from jobs.cli import main
-from jobs.restore import LEASE_FILE, run_restore
-from pipeline import shards, storage
-from pipeline import wds as codec
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.leases import LeaseHeld, Owner, try_acquire
-from pipeline.units import Unit, UnitKind
-from pipeline.wds import Sample
+from pipeline.formats import shards
+from pipeline.formats import wds as codec
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.formats.wds import Sample
+from pipeline.runner.loop import LEASE_FILE, run_restore
+from pipeline.store import storage
+from pipeline.store.leases import LeaseHeld, Owner, try_acquire
 
 
 def test_a_second_run_on_the_same_dst_stops_naming_the_holder(tmp_path: Path, capsys) -> None:

@@ -66,7 +66,7 @@ def test_the_answer_follows_the_cluster_shape(tmp_path: Path) -> None:
     # four one-face photos, restored in batches of four (no padding in the FLOP model); CPU detection
     cfg = PipelineConfig(src=str(src), dst="", restorer=RestorerKind.DR2, N=8, tau=35, restore_batch_size=4,
                          gpus_per_detector=0.0, detect_actors=64)
-    from pipeline.capacity import ClusterShape
+    from pipeline.graph.capacity import ClusterShape
 
     # sixteen H100s and two cores: the CPU side cannot feed them
     few = estimate(cfg, cluster=ClusterShape(cpus=2, gpus=16), gpu_type="H100", sample_images=4)
@@ -96,7 +96,7 @@ def test_restore_calls_follow_the_stages_slicing_and_padding() -> None:
 
 
 def test_units_are_sampled_by_seed() -> None:
-    from pipeline.units import Unit, UnitKind
+    from pipeline.formats.units import Unit, UnitKind
 
     units = [Unit(name=f"u{i}", kind=UnitKind.SHARD, source=f"s{i}") for i in range(20)]
     a, b = sample_units(units, 3, seed=1), sample_units(units, 3, seed=1)

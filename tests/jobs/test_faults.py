@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
-from jobs.restore import run_restore
-from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner.loop import run_restore
+from pipeline.store import storage
 from tests.faultproxy import FaultProxy
 from tests.jobs.archive import build_archive
 from tests.s3server import S3Server

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import json, logging, sys
     import ray
     from ray.cluster_utils import Cluster
-    from jobs.restore import run_restore
+    from pipeline.runner.loop import run_restore
     from pipeline.config import PipelineConfig, RestorerKind
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent('''
             if record.getMessage().startswith("pools:"):
                 pools.append(record.getMessage())
 
-    logging.getLogger("pipeline.build").addHandler(Grab())
-    logging.getLogger("pipeline.build").setLevel(logging.INFO)
+    logging.getLogger("pipeline.graph.build").addHandler(Grab())
+    logging.getLogger("pipeline.graph.build").setLevel(logging.INFO)
 
     def on_part(part, summary):
         seen.setdefault("restorers", len(pools))
@@ -68,7 +68,7 @@ def test_a_cluster_with_two_gpus_gets_two_gpu_restorers(tmp_path: Path) -> None:
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
-    # the rule (pipeline/capacity.py): a restorer per GPU at 0.8 of it, detectors autoscaling 1-2 per GPU at 0.1
+    # the rule (pipeline/graph/capacity.py): a restorer per GPU at 0.8 of it, detectors autoscaling 1-2 per GPU at 0.1
     assert result["pool"] == "pools: detect 2-4 actor(s) x 0.1 GPU, restore 2 actor(s) x 0.8 GPU", result
     assert result["samples"] == 6, result
     # the job finished: its two 1-GPU restorers were placed on the fake GPUs of the two workers (a pool that could

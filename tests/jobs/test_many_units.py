@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from jobs.restore import run_restore
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.wds import iter_tar_samples
+from pipeline.formats.wds import iter_tar_samples
+from pipeline.runner.loop import run_restore
 from tests.jobs.archive import encode, no_face_image
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-SHARDS = 32  # grouped 2 a read task (pipeline.units.MIN_READ_GROUPS)
+SHARDS = 32  # grouped 2 a read task (pipeline.formats.units.MIN_READ_GROUPS)
 
 
 def build(root: Path) -> dict[str, list[str]]:

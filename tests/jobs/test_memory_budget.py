@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.restore import run_restore
-from pipeline import memory
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.graph import memory
+from pipeline.runner.loop import run_restore
 from tests.jobs.archive import build_archive
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]

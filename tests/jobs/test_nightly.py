@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from jobs import nightly_state as ns
 from jobs.cli import main
-from jobs.nightly import run_nightly_job
-from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner import nightly_state as ns
+from pipeline.runner.nightly import run_nightly_job
+from pipeline.store import storage
 from tests.jobs.archive import encode, no_face_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

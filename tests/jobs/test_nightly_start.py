@@ -1,5 +1,5 @@
-"""``dr2 nightly`` before any work (jobs/nightly.py), without Ray: how a unit is known to the state (its name and
-its input's identity), and a run that cannot start raises before it writes anything to the state. The nightly job
+"""``dr2 nightly`` before any work (pipeline/runner/nightly.py), without Ray: how a unit is known to the state (its name
+and its input's identity), and a run that cannot start raises before it writes anything to the state. The nightly job
 end to end runs in tests/jobs/test_nightly.py (slow: it starts Ray)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import nightly_state as ns
-from jobs.nightly import run_nightly_job, state_key
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.units import Unit, UnitKind
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.runner import nightly_state as ns
+from pipeline.runner.nightly import run_nightly_job, state_key
 
 
 def test_a_unit_is_known_by_its_name_and_input() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.nightly_state import (
+from pipeline.runner.nightly_state import (
     NightlyState,
     RunRecord,
     RunStatus,
@@ -30,7 +30,7 @@ from jobs.nightly_state import (
     run_nightly,
     summary_line,
 )
-from pipeline import leases
+from pipeline.store import leases
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ CLAIM_TTL_S = 8.0
 _KILLED_RUN = """
 import sys, time
 from pathlib import Path
-from jobs.nightly_state import NightlyState, UnitOutcome, run_nightly
+from pipeline.runner.nightly_state import NightlyState, UnitOutcome, run_nightly
 
 state_uri, out, CLAIM_TTL_S = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import webdataset as wds
 
-from jobs.restore import run_restore
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner.loop import run_restore
 from tests.jobs import node_removal_run
 from tests.jobs.archive import build_archive
 from tests.jobs.test_interrupt import REPO, Runner, kill_run

@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from jobs.restore import ConfigChangedError, run_restore
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner.loop import ConfigChangedError, run_restore
 from tests.jobs.archive import assert_shard_matches_input, build_archive
 
 pytestmark = pytest.mark.usefixtures("ray_local")

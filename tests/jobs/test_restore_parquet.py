@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 import ray
 
-from jobs.restore import run_restore
-from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.runner.loop import run_restore
+from pipeline.store import storage
 from tests.pipeline.parquet_files import EXPECTED, assert_contract, read_output, write_parquet_archive
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]

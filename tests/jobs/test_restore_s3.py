@@ -37,12 +37,12 @@ from PIL import Image
 
 from dr2.restorer import DR2Restorer
 from dr2.weights import ModelKind, save_model_dir, sha256_file
-from jobs.restore import RunSummary, run_restore
-from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.models import model_cache_root
-from pipeline.storage import StorageError
-from pipeline.wds import END_OF_ARCHIVE
+from pipeline.formats.wds import END_OF_ARCHIVE
+from pipeline.graph.models import model_cache_root
+from pipeline.runner.loop import RunSummary, run_restore
+from pipeline.store import storage
+from pipeline.store.storage import StorageError
 from tests.jobs.archive import assert_shard_matches_input, build_archive, encode, no_face_image
 from tests.s3server import S3Server
 

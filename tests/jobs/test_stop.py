@@ -1,6 +1,6 @@
 """Stopping a real run (issue 19): SIGTERM, as Kubernetes, systemd, Slurm and Ray's job manager send it, stops
-``dr2 restore`` as Ctrl-C does (pipeline/stopping.py): the commits under way finish, the DST lease is released, ONE
-line says what is committed, exit 143 (130 for Ctrl-C), no Ray stack dump; a stage that never answers again does
+``dr2 restore`` as Ctrl-C does (pipeline/runner/stopping.py): the commits under way finish, the DST lease is released,
+ONE line says what is committed, exit 143 (130 for Ctrl-C), no Ray stack dump; a stage that never answers again does
 not keep the run alive past the grace period; a second signal stops at once. The signal goes to the driver alone and
 to the whole process group (Ray's own processes included), as schedulers send it.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.restore import LEASE_FILE
-from pipeline.stopping import LAST_WORDS_S
+from pipeline.runner.loop import LEASE_FILE
+from pipeline.runner.stopping import LAST_WORDS_S
 from tests.jobs import test_interrupt
 from tests.jobs.test_interrupt import (
     FAST_BATCHES,
@@ -128,7 +128,7 @@ def test_a_stop_ends_a_run_whose_restore_actor_never_answers(archive: str, runne
                                                              sig: int, to: str, code: int) -> None:
     """The restore actor is stuck for good (a GPU that stopped answering): Ctrl-C to the driver, SIGTERM to the
     process group, each ends the run within the grace period + 5 s, with its status and the lease released. (Before
-    issue 19 the driver could wait forever for the stuck actor's task: pipeline/build.py's shutdown.)"""
+    issue 19 the driver could wait forever for the stuck actor's task: pipeline/graph/build.py's shutdown.)"""
     name = f"stuck-{to}"
     dst = tmp_path / "out"
     proc = start(runner, name, archive, dst, "restore.batch=hang@1")

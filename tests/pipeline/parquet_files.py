@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.decode import decode_image
 from pipeline.formats.parquet import DR2_COLUMN, image_column
+from pipeline.imaging.decode import decode_image
+from pipeline.store import storage
 from tests.jobs.archive import encode, no_face_image
 from tests.pipeline.photos import astronaut, degrade, grace_hopper
 

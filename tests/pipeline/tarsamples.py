@@ -8,8 +8,8 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline import storage
-from pipeline.wds import Sample
+from pipeline.formats.wds import Sample
+from pipeline.store import storage
 
 
 def random_samples(n: int, seed: int = 0) -> list[Sample]:

@@ -1,4 +1,4 @@
-"""Fast checks of the Ray wiring's plain parts (pipeline/build.py), without starting Ray: the busy table every
+"""Fast checks of the Ray wiring's plain parts (pipeline/graph/build.py), without starting Ray: the busy table every
 marker, summary and report carries, the block labels an actor death is reported with, the actor-pool strategies
 the pool rule turns into, and which errors count as a stage actor's death. The wiring itself runs end to end in
 the slow tests (tests/jobs/test_restore.py and the others that start Ray)."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline import build
 from pipeline import schema as S
-from pipeline.capacity import StagePool
+from pipeline.graph import build
+from pipeline.graph.capacity import StagePool
 
 
 def test_busy_table_sums_a_stages_actors_and_leaves_out_fill_and_drain() -> None:

@@ -1,11 +1,11 @@
-"""The pool rule and the capacity model (pipeline/capacity.py): pure functions, numbers worked by hand."""
+"""The pool rule and the capacity model (pipeline/graph/capacity.py): pure functions, numbers worked by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.capacity import ClusterShape, StageCosts, StagePool, cpus_needed, plan_pools, predict, recommend
 from pipeline.config import PipelineConfig
+from pipeline.graph.capacity import ClusterShape, StageCosts, StagePool, cpus_needed, plan_pools, predict, recommend
 
 
 def cfg(**kw: object) -> PipelineConfig:

@@ -1,4 +1,4 @@
-"""A user's batch in and out of the record (pipeline/dataset.py), without Ray: the real detector, rows that hold
+"""A user's batch in and out of the record (pipeline/graph/dataset.py), without Ray: the real detector, rows that hold
 nothing to restore (no face, corrupt, no image at all), the user's columns and types given back unchanged."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.dataset import content_key, finish_batch, image_suffix, rows_from_batch, with_bytes
-from pipeline.models import build_detector, pick_device
-from pipeline.stages import detect_block
+from pipeline.graph.dataset import content_key, finish_batch, image_suffix, rows_from_batch, with_bytes
+from pipeline.graph.models import build_detector, pick_device
+from pipeline.graph.stages import detect_block
 from tests.jobs.archive import encode, no_face_image
 
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

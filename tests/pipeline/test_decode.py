@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 from skimage.metrics import peak_signal_noise_ratio
 
-from pipeline.decode import DecodedImage, ImageError, ImageFormat, decode_image, encode_image
+from pipeline.imaging.decode import DecodedImage, ImageError, ImageFormat, decode_image, encode_image
 from pipeline.schema import Status
 from tests.pipeline import photos
 

@@ -1,4 +1,4 @@
-"""Calibration of the per-face degradation estimate (``pipeline/degradation.py``) on real face photos.
+"""Calibration of the per-face degradation estimate (``pipeline/imaging/degradation.py``) on real face photos.
 
 Real photos are degraded *in the photo* along known ladders, then detected with the project's MTCNN and aligned
 exactly as the pipeline does (``build_detector`` and ``AlignOptions`` from the default ``PipelineConfig``), and the
@@ -36,16 +36,16 @@ import torch
 from jobs.demo import degrade as demo_degrade
 from jobs.demo import demo_photo
 from pipeline.config import PipelineConfig
-from pipeline.degradation import (
+from pipeline.graph.models import build_detector
+from pipeline.imaging.degradation import (
     ESTIMATOR_VERSION,
     Degradation,
     DegradationThresholds,
     Verdict,
     estimate_degradation,
 )
-from pipeline.faces import AlignOptions, align_faces
-from pipeline.models import build_detector
-from pipeline.mtcnn import MTCNN
+from pipeline.imaging.faces import AlignOptions, align_faces
+from pipeline.imaging.mtcnn import MTCNN
 from tests.pipeline import photos
 
 Degrade = Callable[[np.ndarray, float], np.ndarray]

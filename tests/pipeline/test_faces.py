@@ -14,8 +14,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from dr2.restorer import FACE_SIZE, FaceRestorer, PassthroughRestorer
-from pipeline.decode import decode_image, encode_image
-from pipeline.faces import (
+from pipeline.imaging.decode import decode_image, encode_image
+from pipeline.imaging.faces import (
     FFHQ_TEMPLATE_512,
     AlignOptions,
     FaceMeta,
@@ -24,7 +24,7 @@ from pipeline.faces import (
     paste_faces,
     restore_image,
 )
-from pipeline.mtcnn import MTCNN, load_mtcnn
+from pipeline.imaging.mtcnn import MTCNN, load_mtcnn
 from tests.pipeline import photos
 
 MAX_PIXELS = 50_000_000

@@ -104,7 +104,7 @@ def test_bad_specs_are_refused(monkeypatch: pytest.MonkeyPatch, spec: str) -> No
 
 
 def test_block_label_names_units_and_rows() -> None:
-    from pipeline.build import block_label
+    from pipeline.graph.build import block_label
 
     table = pa.table({S.UNIT: ["a.tar", "a.tar", "a.tar", "b.tar", "b.tar"], S.INDEX: [4, 2, 7, -1, 0]})
     assert block_label(table) == "a.tar rows 2-7, b.tar rows 0-0"

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import leases
-from pipeline.leases import LeaseHeld, LeaseLost, LeaseRecord, Owner
+from pipeline.store import leases
+from pipeline.store.leases import LeaseHeld, LeaseLost, LeaseRecord, Owner
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -140,7 +140,7 @@ def test_threads_racing_for_an_expired_lease_exactly_one_wins(root: str) -> None
 
 
 def _race_in_process(root: str, rounds: int, barrier: Any, results: Any, i: int) -> None:
-    from pipeline import storage
+    from pipeline.store import storage
 
     storage.reset_clients()  # a forked child builds its own S3 client
     for r in range(rounds):

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from dr2.restorer import PassthroughRestorer
-from pipeline import memory, stages
 from pipeline import schema as S
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.decode import ImageError, decode_image, decoded_pixels, read_header
-from pipeline.models import build_detector
+from pipeline.graph import memory, stages
+from pipeline.graph.models import build_detector
+from pipeline.imaging.decode import ImageError, decode_image, decoded_pixels, read_header
 from tests.jobs.corpus import png_header_bomb
 from tests.pipeline.photos import astronaut
 from tests.pipeline.test_stages import write_shard

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.mtcnn import (
+from pipeline.imaging.mtcnn import (
     DEVICE_TOLERANCE,
     LFW_RESAMPLER_TOLERANCE,
     MTCNN,
@@ -197,7 +197,7 @@ def _two_mp() -> np.ndarray:
 @pytest.mark.slow  # both detectors over six photos (test_torch_crops_equal_a_per_box_interpolate is the fast check)
 def test_torch_resampler_within_the_stated_tolerance_of_opencv(detector: MTCNN) -> None:
     """The torch path (what CUDA runs) against the OpenCV path (the CPU default) on photos: the same faces,
-    boxes, landmarks and scores within RESAMPLER_TOLERANCE (stated in pipeline/mtcnn.py's docstring)."""
+    boxes, landmarks and scores within RESAMPLER_TOLERANCE (stated in pipeline/imaging/mtcnn.py's docstring)."""
     torch_path = load_mtcnn(MTCNNConfig(resampler="torch"))
     images = _tolerance_photos()
     gaps = [DetectionGap.between(a, b) for a, b in zip(detector.detect(images), torch_path.detect(images), strict=True)]
@@ -217,7 +217,7 @@ def test_torch_resampler_within_tolerance_with_max_side(detector: MTCNN) -> None
 @pytest.mark.slow  # both detectors over 200 upscaled crops
 def test_torch_resampler_on_lfw_crops(detector: MTCNN) -> None:
     """Tiny gray LFW crops, upscaled 6x: face / no face agrees on at least 199 of 200 (a borderline face may
-    flip), and faces found by both within a looser bound (stated in pipeline/mtcnn.py's docstring)."""
+    flip), and faces found by both within a looser bound (stated in pipeline/imaging/mtcnn.py's docstring)."""
     torch_path = load_mtcnn(MTCNNConfig(resampler="torch"))
     crops = photos.lfw_for_detection(np.concatenate([photos.lfw_faces(), photos.lfw_nonfaces()]))
     gaps = [DetectionGap.between(a, b) for a, b in zip(detector.detect(crops), torch_path.detect(crops), strict=True)]

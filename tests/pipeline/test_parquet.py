@@ -19,12 +19,13 @@ import webdataset as wds
 
 from dr2.restorer import PassthroughRestorer
 from jobs.check import check_output
-from pipeline import shards, stages, storage
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.formats import format_of
+from pipeline.formats import format_of, shards
 from pipeline.formats.parquet import DR2_COLUMN, image_column
-from pipeline.models import build_detector
-from pipeline.units import Unit, UnitKind
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.graph import stages
+from pipeline.graph.models import build_detector
+from pipeline.store import storage
 from tests.pipeline.parquet_files import EXPECTED, HF_IMAGE, assert_contract, photos, read_output, write_parquet_archive
 
 HASH = "p" * 64
@@ -193,7 +194,7 @@ def test_huggingface_datasets_and_pyarrow_read_our_outputs(
 def test_image_column_enters_the_config_hash_only_when_set() -> None:
     """Left at its default, the new field leaves every config hash as it was: DSTs made before it keep resuming."""
     from pipeline.config import config_hash
-    from pipeline.degradation import ESTIMATOR_VERSION
+    from pipeline.imaging.degradation import ESTIMATOR_VERSION
 
     base = PipelineConfig()
     before = {k: v for k, v in base.to_dict().items() if k not in base.EXECUTION_FIELDS and k != "image_column"}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.progress import Progress, ProgressMode, ProgressState, eta_seconds, format_duration
+from pipeline.runner.progress import Progress, ProgressMode, ProgressState, eta_seconds, format_duration
 
 
 class SteppedClock:

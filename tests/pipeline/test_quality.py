@@ -1,6 +1,6 @@
 """Face quality measures on real aligned faces (astronaut, Grace Hopper, LFW), under plausible restorations and
 plausible failures. ``python -m tests.pipeline.test_quality`` prints the calibration table the default
-thresholds in ``pipeline/quality.py`` were chosen from."""
+thresholds in ``pipeline/imaging/quality.py`` were chosen from."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.faces import align_faces
-from pipeline.mtcnn import load_mtcnn
-from pipeline.quality import (
+from pipeline.imaging.faces import align_faces
+from pipeline.imaging.mtcnn import load_mtcnn
+from pipeline.imaging.quality import (
     FLAG_COLOUR,
     FLAG_LOWFREQ,
     FLAG_SHARPNESS_EXCESS,

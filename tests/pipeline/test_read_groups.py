@@ -1,5 +1,6 @@
-"""Small units travel together (pipeline/units.py ``read_groups``, pipeline/stages.py ``read_units``): several units
-share one read task and its blocks, and every unit keeps exactly its own rows and its end row, as when read alone."""
+"""Small units travel together (pipeline/formats/units.py ``read_groups``, pipeline/graph/stages.py ``read_units``):
+several units share one read task and its blocks, and every unit keeps exactly its own rows and its end row, as when
+read alone."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pyarrow as pa
 import webdataset as wds
 
 from pipeline import schema as S
-from pipeline import stages
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.storage import local_object
-from pipeline.units import MIN_READ_GROUPS, Unit, UnitKind, read_groups, shard_unit
+from pipeline.formats.units import MIN_READ_GROUPS, Unit, UnitKind, read_groups, shard_unit
+from pipeline.graph import stages
+from pipeline.store.storage import local_object
 
 
 def shard(tmp_path: Path, name: str, rows: int) -> Unit:

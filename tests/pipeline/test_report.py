@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import report as rp
-from pipeline.faces import align_faces, paste_faces
-from pipeline.mtcnn import load_mtcnn
-from pipeline.quality import QualityThresholds, flags, measure_face, severity
+from pipeline.imaging.faces import align_faces, paste_faces
+from pipeline.imaging.mtcnn import load_mtcnn
+from pipeline.imaging.quality import QualityThresholds, flags, measure_face, severity
+from pipeline.runner import report as rp
 from tests.pipeline.photos import astronaut, degrade, grace_hopper
 from tests.pipeline.test_quality import blur, colour_cast, hue_rotate, noise, unsharp
 

@@ -1,5 +1,5 @@
-"""pipeline/shards.py and pipeline/units.py: staging, commit and resume for any unit, on the local filesystem and
-a real S3 server; outputs read back with the real webdataset library."""
+"""pipeline/formats/shards.py and pipeline/formats/units.py: staging, commit and resume for any unit, on the local
+filesystem and a real S3 server; outputs read back with the real webdataset library."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import failpoints, shards, storage
-from pipeline import wds as codec
+from pipeline import failpoints
 from pipeline.config import config_hash
-from pipeline.shards import ShardCommitError
-from pipeline.units import STAGING_DIR, Unit, UnitKind, chunk_name
-from pipeline.wds import Sample
+from pipeline.formats import shards
+from pipeline.formats import wds as codec
+from pipeline.formats.shards import ShardCommitError
+from pipeline.formats.units import STAGING_DIR, Unit, UnitKind, chunk_name
+from pipeline.formats.wds import Sample
+from pipeline.store import storage
 from tests.pipeline.tarsamples import as_dicts, random_samples, read_with_wds, strip_meta
 
 
@@ -204,9 +206,9 @@ def test_planning_removes_temp_files_of_interrupted_writes(tmp_path: Path) -> No
 
 def test_refused_image_paths_go_to_their_chunk_and_its_identity() -> None:
     """(The S3 test server normalises ``..``, ``//`` and backslashes in keys, so refused keys are made up here.)"""
-    from pipeline.sources import _refusal
-    from pipeline.storage import ObjectInfo
-    from pipeline.units import chunk_of, image_chunks
+    from pipeline.formats.units import chunk_of, image_chunks
+    from pipeline.store.sources import _refusal
+    from pipeline.store.storage import ObjectInfo
 
     names = ["a/../../x.jpg", "/etc/y.jpg", "d//e.jpg", "w\\in.jpg", "caf\udce9.jpg"]
     refused = [(n, _refusal(n) or "") for n in names]

@@ -1,4 +1,4 @@
-"""The simulated restorer (pipeline/simulate.py): it takes the time of full, padded batches and returns the faces
+"""The simulated restorer (pipeline/graph/simulate.py): it takes the time of full, padded batches and returns the faces
 unchanged, and says everywhere that it is not a restoration. Runs through a pipeline in the slow tests
 (tests/jobs/test_restore.py, test_gpu_scheduling.py)."""
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.simulate import SimulatedRestorer
+from pipeline.graph.simulate import SimulatedRestorer
 
 
 def test_time_follows_padded_batches() -> None:

@@ -1,4 +1,4 @@
-"""pipeline/stages.py without Ray (STYLE rule 6): each stage function on real blocks, real photos, the real
+"""pipeline/graph/stages.py without Ray (STYLE rule 6): each stage function on real blocks, real photos, the real
 MTCNN detector and real restorers; the restore fall-back that retries a failed batch one face at a time."""
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import webdataset as wds
 from PIL import Image
 
 from dr2.restorer import PassthroughRestorer
-from pipeline import report, shards, stages
 from pipeline import schema as S
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.decode import decode_image, encode_image
-from pipeline.faces import paste_faces
-from pipeline.models import build_detector
-from pipeline.units import Unit, UnitKind
-from pipeline.wds import iter_tar_samples
+from pipeline.formats import shards
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.formats.wds import iter_tar_samples
+from pipeline.graph import stages
+from pipeline.graph.models import build_detector
+from pipeline.imaging.decode import decode_image, encode_image
+from pipeline.imaging.faces import paste_faces
+from pipeline.runner import report
 from tests.jobs.archive import encode, no_face_image
 from tests.pipeline.photos import astronaut, degrade, grace_hopper
 

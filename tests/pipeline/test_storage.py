@@ -1,5 +1,5 @@
-"""pipeline/storage.py (with the listing of pipeline/sources.py and the model cache of pipeline/models.py) on
-the local filesystem and a real S3 server (SeaweedFS on loopback)."""
+"""pipeline/store/storage.py (with the listing of pipeline/store/sources.py and the model cache of
+pipeline/graph/models.py) on the local filesystem and a real S3 server (SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from pipeline import models, sources, storage
-from pipeline.storage import AtomicWriter, StorageError, StorageOptions
+from pipeline.graph import models
+from pipeline.store import sources, storage
+from pipeline.store.storage import AtomicWriter, StorageError, StorageOptions
 from tests.s3server import S3Server
 
 SMALL_PARTS = StorageOptions(part_size=5 * storage.MiB)

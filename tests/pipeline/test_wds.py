@@ -1,4 +1,4 @@
-"""pipeline/wds.py: WebDataset tars read and written through the real webdataset library, on the local
+"""pipeline/formats/wds.py: WebDataset tars read and written through the real webdataset library, on the local
 filesystem and a real S3 server."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline import storage
-from pipeline import wds as codec
-from pipeline.wds import Sample, ShardReadError
+from pipeline.formats import wds as codec
+from pipeline.formats.wds import Sample, ShardReadError
+from pipeline.store import storage
 from tests.pipeline.tarsamples import as_dicts, random_samples, strip_meta
 
 

@@ -20,15 +20,15 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import storage
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.storage import StorageOptions
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 if TYPE_CHECKING:
     import torch
 
     from dr2.restorer import FaceRestorer
-    from pipeline.mtcnn import MTCNN
+    from pipeline.imaging.mtcnn import MTCNN
 
 # torch, dr2 and the detector are imported inside the builders: the driver calls model_identity() and
 # check_restorer_config() only, and should not pay seconds and hundreds of MiB for what only actors use.
@@ -67,7 +67,7 @@ def check_restorer_config(cfg: PipelineConfig) -> None:
 
 
 def build_detector(cfg: PipelineConfig, device: torch.device) -> MTCNN:
-    from pipeline.mtcnn import MTCNNConfig, load_mtcnn
+    from pipeline.imaging.mtcnn import MTCNNConfig, load_mtcnn
 
     mtcnn_cfg = MTCNNConfig(
         min_face_size=max(12, cfg.min_face_size),
@@ -90,7 +90,7 @@ def build_restorer(*, kind: RestorerKind, ddpm: str, enhancer: str, device: torc
     if kind is RestorerKind.PASSTHROUGH:
         return PassthroughRestorer()
     if kind is RestorerKind.SIMULATE:
-        from pipeline.simulate import SimulatedRestorer
+        from pipeline.graph.simulate import SimulatedRestorer
 
         return SimulatedRestorer(faces_per_s=simulate_faces_per_s, batch_size=batch_size)
     if kind is RestorerKind.TINY:
@@ -140,7 +140,7 @@ def model_identity(cfg: PipelineConfig) -> dict[str, Any]:
             "enhancer_sha256": "none" if cfg.enhancer == "none" else str(_model_config(cfg.enhancer, opts)["sha256"]),
         }
     if cfg.restorer is RestorerKind.SIMULATE:  # in every dr2.json: these outputs are not restorations
-        from pipeline.simulate import SIMULATED_NOTE
+        from pipeline.graph.simulate import SIMULATED_NOTE
 
         return {"restorer": "simulate", "faces_per_s": cfg.simulate_faces_per_s,
                 "note": SIMULATED_NOTE.format(rate=cfg.simulate_faces_per_s)}

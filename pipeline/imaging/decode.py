@@ -17,7 +17,7 @@ animated/multi-page, unknown format such as GIF). An MPO (a camera JPEG carrying
 its first picture and written back as a plain JPEG. Encoding failures raise ``ENCODE_ERROR``.
 
 :func:`read_header` / :func:`decoded_pixels` say how many pixels an image will decode to from its header alone: the
-reader sizes blocks by them (``pipeline/memory.py``), and detection bounds the pixels it holds at once. Decoded
+reader sizes blocks by them (``pipeline/graph/memory.py``), and detection bounds the pixels it holds at once. Decoded
 pixels never travel between stages: detection decodes, the paste-back decodes again, the same bytes to the same
 pixels (a 48 MP photo is 144 MB of RGB, its JPEG a few MB).
 """

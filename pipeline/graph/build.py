@@ -21,10 +21,11 @@ the user's own write:
       -> repartition -> DetectStage -> RestoreStage             as above
       -> map_batches(finish_batch, CPU tasks)                   paste back, encode, dr2.json; the user's columns back
 
-Memory: :func:`cluster_memory` splits the run's per-node budget (``pipeline/memory.py``) into a local Ray's object
+Memory: :func:`cluster_memory` splits the run's per-node budget (``pipeline/graph/memory.py``) into a local Ray's object
 store, the write tasks running at once and the decoded pixels per block, which the stages read from the config.
 
-Pools: :func:`pipeline.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options win.
+Pools: :func:`pipeline.graph.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options
+win.
 
 ``batch_size=None`` after the read (except where Ray requires a row count with GPUs): a stage takes the blocks the
 previous one made, whole. Caveat (ray 2.60): Ray Data merges what one task or call yields into one output block (up
@@ -58,12 +59,13 @@ import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import memory, stopping
 from pipeline import schema as S
-from pipeline.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.config import PipelineConfig
-from pipeline.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
-from pipeline.units import Unit, read_groups
+from pipeline.formats.units import Unit, read_groups
+from pipeline.graph import memory
+from pipeline.graph.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
+from pipeline.graph.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
+from pipeline.runner import stopping
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,10 @@ def init_ray(cfg: PipelineConfig) -> None:
     # S3 settings reach workers through the standard chain: a local Ray's workers inherit this process's
     # environment (AWS_ENDPOINT_URL, credentials); cluster nodes use their own (instance roles, env, files).
     # Ray's own lines stay in Ray's log files unless asked for (--ray-logs): the driver prints one progress line of
-    # its own (pipeline/progress.py), its warnings and a failed run's one-line error; workers' row-level warnings and
-    # Ray's bars are not the job's output. Ray's log levels do not reach all of its lines (Ray 2.60), so they go to
-    # one file (pipeline/console.py), moved into this Ray session's log folder once it exists: what the driver's core
-    # worker writes to descriptor 2 (C++ log lines, the constructor-argument line of ray-project/ray#53727), Ray's
+    # its own (pipeline/runner/progress.py), its warnings and a failed run's one-line error; workers' row-level warnings
+    # and Ray's bars are not the job's output. Ray's log levels do not reach all of its lines (Ray 2.60), so they go to
+    # one file (pipeline/runner/console.py), moved into this Ray session's log folder once it exists: what the driver's
+    # core worker writes to descriptor 2 (C++ log lines, the constructor-argument line of ray-project/ray#53727), Ray's
     # Python loggers (the token-auth notice of ray.init, Ray Data's traceback of a failed run), and the raylet's
     # messages (a worker died, a task is retried) that worker.listen_error_messages prints to stdout regardless of
     # log_to_driver. Token auth itself is left as Ray sets it up.
@@ -90,7 +92,7 @@ def init_ray(cfg: PipelineConfig) -> None:
     if not cfg.ray_logs:
         from ray._private import worker as ray_worker
 
-        from pipeline import console
+        from pipeline.runner import console
 
         diverted = console.divert_stderr()
         console.log_to(diverted.stream, "ray", "ray.data")
@@ -123,7 +125,7 @@ def init_ray(cfg: PipelineConfig) -> None:
         if hint is not None:
             hint.cancel()
     # ray.init put its own SIGTERM handlers in this process (a native one that prints a stack and aborts): the stop
-    # handlers of the CLI go back in their place (pipeline/stopping.py)
+    # handlers of the CLI go back in their place (pipeline/runner/stopping.py)
     stopping.reinstall()
     if diverted is not None:
         node = ray_worker._global_node  # None for a Ray Client driver: the file stays in the temp folder
@@ -385,9 +387,9 @@ def restore_dataset_graph(ds: ray.data.Dataset, cfg: PipelineConfig, model_info:
                           metadata_column: str) -> ray.data.Dataset:
     """A user's dataset through the same stages as ``dr2 restore``: its batches become record rows (its own columns
     riding along), :func:`_face_stages` detects and restores, and the last task composes and gives the rows back with
-    the restored image and the metadata added (:mod:`pipeline.dataset`). Lazy, like any Ray Data transform; the
+    the restored image and the metadata added (:mod:`pipeline.graph.dataset`). Lazy, like any Ray Data transform; the
     public face is :func:`pipeline.api.restore_dataset`."""
-    from pipeline.dataset import finish_batch, rows_from_batch
+    from pipeline.graph.dataset import finish_batch, rows_from_batch
 
     if not ray.is_initialized():  # what Ray Data does on a dataset's first use; the pools need the cluster's shape
         # the cluster at --address / RAY_ADDRESS, else a new local Ray (never a stale one: see init_ray)
@@ -438,9 +440,10 @@ def stream_summaries(graph: Graph) -> Iterator[dict[str, Any]]:
     """Run the graph, yielding each part's summary (a few per block) as it completes. An actor that died more often
     than Ray restarts it ends the run with :class:`StageDiedError`, naming the block it died on.
 
-    A stopped run (Ctrl-C, SIGTERM: :func:`pipeline.stopping.requested`) leaves Ray as it is: the process is about to
-    exit, which ends its actors and tasks (a local Ray's processes with it, a cluster's job with its driver), and
-    the commits under way come first. Any other end cleans up for the next run in this process (:func:`shutdown`)."""
+    A stopped run (Ctrl-C, SIGTERM: :func:`pipeline.runner.stopping.requested`) leaves Ray as it is: the process is
+    about to exit, which ends its actors and tasks (a local Ray's processes with it, a cluster's job with its driver),
+    and the commits under way come first. Any other end cleans up for the next run in this process
+    (:func:`shutdown`)."""
     ds = graph.ds
     before = _stage_actors()
     try:

@@ -13,7 +13,7 @@ bytes travel once, in ``image``. :func:`finish_batch` composes and gives the bat
 image and the ``dr2.json`` metadata added. No row is dropped: an image that cannot be restored keeps its bytes and
 gets its status.
 
-What names a face's noise, as in the run (:func:`pipeline.stages.face_key`): the seed, a unit name (here
+What names a face's noise, as in the run (:func:`pipeline.graph.stages.face_key`): the seed, a unit name (here
 :data:`UNIT`), the sample's key and the face's index. The key is the caller's (``key_column``), else the image's
 content hash (:func:`content_key`): deterministic whatever the blocks, and the same for the one-image API.
 """
@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
-from pipeline.stages import block_table, compose_block, rows_metadata
+from pipeline.graph.stages import block_table, compose_block, rows_metadata
 
 USER_PREFIX = "__dr2_user__."
 """The batch's own columns travel under this prefix, so that none can collide with the record's."""

@@ -19,10 +19,10 @@ in native code that never returns to the interpreter (where Python-level handler
 Ray: ``ray.init`` installs its own SIGTERM handlers in the driver (Ray 2.60): a Python one (``sys.exit``) and the
 core worker's native failure-signal handler (absl's), which prints ``*** SIGTERM received ...`` and the stack to
 descriptor 2 and aborts the process (exit status -6) within about 3 s. :func:`reinstall`, which
-:func:`pipeline.build.init_ray` calls right after ``ray.init``, puts ours back in their place (``signal.signal``
+:func:`pipeline.graph.build.init_ray` calls right after ``ray.init``, puts ours back in their place (``signal.signal``
 sets the process's handler, replacing the native one). Ray's own processes (raylet, GCS, workers) get the signal too
 when a scheduler signals the whole process group; they write to descriptor 2, which the driver diverted to a log
-file before starting them (:mod:`pipeline.console`), and the driver's commits need none of them.
+file before starting them (:mod:`pipeline.runner.console`), and the driver's commits need none of them.
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ def _hard_exit(st: _Stop, how: str) -> None:
 
 def _dump_stacks() -> None:
     """What every thread was waiting on when the grace period ran out, into the log file descriptor 2 goes to (Ray's
-    log folder, pipeline/console.py), never onto the console: the one line stays the console's."""
-    from pipeline import console
+    log folder, pipeline/runner/console.py), never onto the console: the one line stays the console's."""
+    from pipeline.runner import console
 
     if console.diverted() is None:
         return

@@ -1,6 +1,6 @@
 """What reaches a person's console: our lines on the terminal, everything a library prints on its own in a log file.
 
-Two things live here, neither of them Ray-specific (:func:`pipeline.build.init_ray` wires Ray to them):
+Two things live here, neither of them Ray-specific (:func:`pipeline.graph.build.init_ray` wires Ray to them):
 
 * :func:`divert_stderr` -- file descriptor 2 goes to a log file while Python's ``sys.stderr`` keeps writing to the
   terminal. Native code writes to descriptor 2 directly, past every log level: Ray's core worker in the driver

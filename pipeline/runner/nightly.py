@@ -2,9 +2,9 @@
 
 Each run lists SRC (one paged listing), asks DST which units are committed under the current config with the
 input they were made from (size + ETag/mtime in each marker), and hands the rest to the bookkeeping of
-:mod:`jobs.nightly_state`: units are claimed in waves under the state's lease (two runs at once split the work),
-each wave is restored by :func:`jobs.restore.run_restore` restricted to it, every unit's outcome is recorded,
-failing units are retried on later runs up to ``--max-attempts`` and then quarantined, and a run record is
+:mod:`pipeline.runner.nightly_state`: units are claimed in waves under the state's lease (two runs at once split the
+work), each wave is restored by :func:`pipeline.runner.loop.run_restore` restricted to it, every unit's outcome is
+recorded, failing units are retried on later runs up to ``--max-attempts`` and then quarantined, and a run record is
 appended to the history at STATE_URI.
 
 A unit is known to the state by its name and its input's identity (``train/0001.tar@<size>:<etag>``): a shard
@@ -18,11 +18,11 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-from jobs import nightly_state as ns
-from jobs.restore import UnitOutcome, plan_units, run_restore
-from pipeline import shards
 from pipeline.config import PipelineConfig
-from pipeline.units import Unit
+from pipeline.formats import shards
+from pipeline.formats.units import Unit
+from pipeline.runner import nightly_state as ns
+from pipeline.runner.loop import UnitOutcome, plan_units, run_restore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_nightly_job(cfg: PipelineConfig, state_uri: str, *, max_attempts: int = 
                     retry_quarantined: bool = False, wave: int = DEFAULT_WAVE) -> ns.RunRecord:
     """One nightly run (see the module docstring). Raises only when the run cannot start (SRC, DST or the state
     unreachable, a changed config without --overwrite); every later failure is in the returned record."""
-    from pipeline.models import model_identity
+    from pipeline.graph.models import model_identity
 
     options = cfg.storage_options()
     config_hash = cfg.output_hash(model_identity(cfg))
@@ -73,7 +73,7 @@ def run_nightly_job(cfg: PipelineConfig, state_uri: str, *, max_attempts: int = 
         yield from outcomes
 
     state = ns.NightlyState(state_uri, options=options)
-    # SIGTERM and Ctrl-C: pipeline/stopping.py (the CLI installs it) raises KeyboardInterrupt, which unwinds through
-    # run_nightly: it releases its claims, and a hard stop releases them as its last words (LeaseKeeper)
+    # SIGTERM and Ctrl-C: pipeline/runner/stopping.py (the CLI installs it) raises KeyboardInterrupt, which unwinds
+    # through run_nightly: it releases its claims, and a hard stop releases them as its last words (LeaseKeeper)
     return ns.run_nightly(state, list(by_key), done, process, max_attempts=max_attempts,
                           retry_quarantined=retry_quarantined, config_hash=config_hash, run_id=run_id, claim_batch=wave)

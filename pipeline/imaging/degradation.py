@@ -1,7 +1,7 @@
 """How degraded an aligned face is, before restoration: one cheap, deterministic estimate per face.
 
-Measured on the aligned input crop, (512, 512, 3) uint8 RGB in the FFHQ template (``pipeline/faces.py``), i.e. on
-what DR2 is given: the face after detection, alignment and the resampling that alignment implies. A face that is
+Measured on the aligned input crop, (512, 512, 3) uint8 RGB in the FFHQ template (``pipeline/imaging/faces.py``), i.e.
+on what DR2 is given: the face after detection, alignment and the resampling that alignment implies. A face that is
 small in the photo is upscaled to 512 by the warp, so its crop holds little real detail although the photo itself
 may be undegraded: such a face *is* in need of restoration, and the estimate says so. **Clean means clean at 512**:
 the face's detail reaches (about) the crop's own pixel scale, without visible noise or JPEG blocking. In practice

@@ -57,8 +57,8 @@ from typing import Any
 
 import botocore.exceptions
 
-from pipeline import stopping
-from pipeline.storage import StorageOptions, fsync_dir, is_s3, local_path, s3_client, split_s3
+from pipeline.runner import stopping
+from pipeline.store.storage import StorageOptions, fsync_dir, is_s3, local_path, s3_client, split_s3
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Exactly-once outputs for any :class:`~pipeline.units.Unit`: stage parts, commit, resume.
+"""Exactly-once outputs for any :class:`~pipeline.formats.units.Unit`: stage parts, commit, resume.
 
 A unit's life:
 
@@ -32,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline import failpoints, storage
+from pipeline import failpoints
 from pipeline.formats.base import OutputSink
-from pipeline.storage import AtomicWriter, StorageOptions
-from pipeline.units import STAGING_DIR, Unit
+from pipeline.formats.units import STAGING_DIR, Unit
+from pipeline.store import storage
+from pipeline.store.storage import AtomicWriter, StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ def commit(unit: Unit, dst: str, config_hash: str, expected_count: int, stats: M
 
     Checks that the parts cover indexes ``0..expected_count-1`` exactly once (overlapping retries are fine
     when an exact cover exists; else :class:`ShardCommitError`), has the unit's format assemble them in order into an
-    :class:`~pipeline.storage.AtomicWriter` (:meth:`pipeline.formats.base.Format.assemble`), then writes the marker =
-    ``stats`` + ``unit``, ``output``, ``count``, ``bytes``, ``sha256``, ``parts``, ``config_hash``, and only
+    :class:`~pipeline.store.storage.AtomicWriter` (:meth:`pipeline.formats.base.Format.assemble`), then writes the
+    marker = ``stats`` + ``unit``, ``output``, ``count``, ``bytes``, ``sha256``, ``parts``, ``config_hash``, and only
     then deletes the parts. Returns the marker. Memory: one 8 MiB chunk, or one parquet row group (plus an S3 part
     buffer).
 

@@ -1,7 +1,7 @@
 """Capacity: how big each stage's pool is on a given cluster, and how fast a run goes there.
 
-Two pure pieces (no Ray, no torch), so that ``pipeline/build.py`` (which applies the pools), ``dr2 estimate`` (which
-predicts a run) and the tests share one rule and one model:
+Two pure pieces (no Ray, no torch), so that ``pipeline/graph/build.py`` (which applies the pools), ``dr2 estimate``
+(which predicts a run) and the tests share one rule and one model:
 
 1. **The pool rule** (:func:`plan_pools`), from the cluster's CPUs and GPUs; an explicit option always wins.
 

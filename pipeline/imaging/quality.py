@@ -1,7 +1,7 @@
 """Face-level quality measures: cheap, deterministic numbers that say whether a restored face looks wrong.
 
 Each restored face is measured from its aligned input crop and its restored crop, both (512, 512, 3) uint8 RGB
-in the FFHQ template (see ``pipeline/faces.py``). None of the measures needs a learned model, so they run on
+in the FFHQ template (see ``pipeline/imaging/faces.py``). None of the measures needs a learned model, so they run on
 the CPU in a few milliseconds per face and give the same number on every machine.
 
 The three numbers (fields of :class:`FaceQuality`):

@@ -9,7 +9,7 @@ Layout under STATE_URI (a local folder or an ``s3://`` prefix)::
     claims/<sha256(unit)[:16]>.json   one claim lease per unit being processed, renewed while its run lives
     runs/<start>-<run id>.json        one record per run, created at start and completed at the end
 
-Guarantees, all from :mod:`pipeline.leases`:
+Guarantees, all from :mod:`pipeline.store.leases`:
 
 * Two runs started at once on the same STATE_URI never process the same unit twice. A run claims units in
   waves of ``claim_batch`` while holding the state lease: a unit is claimed only if it is not done, not
@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pipeline import leases
-from pipeline.leases import Lease, LeaseHeld, LeaseKeeper, Owner
-from pipeline.storage import StorageOptions
+from pipeline.store import leases
+from pipeline.store.leases import Lease, LeaseHeld, LeaseKeeper, Owner
+from pipeline.store.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Exactly-once, as the driver sees it:
   summary has arrived and the part summaries cover ``0..unit_size-1`` exactly (the same cover rule the commit
   applies to the staged parts, so a retried block is never counted twice). The commit concatenates the staged
   parts into the unit's output atomically and then writes its ``.stats.json`` marker, which a rerun checks; it
-  runs in the background (:class:`pipeline.shards.Committer`: the driver's threads, or a Ray task for a large
+  runs in the background (:class:`pipeline.formats.shards.Committer`: the driver's threads, or a Ray task for a large
   shard on S3), batched when units complete faster than one by one (archives of thousands of tiny shards).
 * A rerun skips units whose marker carries the same config hash and whose output has the recorded size;
   ``--overwrite`` redoes them; a unit done under another config is refused unless ``--overwrite`` is given.
@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema as S
-from pipeline import shards, stopping, storage
 from pipeline.config import InputFormat, PipelineConfig
-from pipeline.formats import AUTO_ORDER, format_of
-from pipeline.shards import ShardCommitError
-from pipeline.sources import IMAGE_SUFFIXES
-from pipeline.units import Unit, UnitKind
+from pipeline.formats import AUTO_ORDER, format_of, shards
+from pipeline.formats.shards import ShardCommitError
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.runner import stopping
+from pipeline.store import storage
+from pipeline.store.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ class RunSummary:
     report: str = ""  # the report page's URI, once written
     started: float = field(default_factory=time.time)
     busy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: actors, busy_s, wall_s, fraction
-    pools: dict[str, Any] = field(default_factory=dict)  # the pools the run had (pipeline.capacity.Pools)
-    memory: dict[str, Any] = field(default_factory=dict)  # how its memory budget was spent (pipeline.memory)
+    pools: dict[str, Any] = field(default_factory=dict)  # the pools the run had (pipeline.graph.capacity.Pools)
+    memory: dict[str, Any] = field(default_factory=dict)  # how its memory budget was spent (pipeline.graph.memory)
     simulated: str = ""  # the simulated restorer's note: these outputs are NOT restorations
 
     def table(self) -> str:
@@ -136,7 +137,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-VERDICT_ORDER = ("clean", "mild", "moderate", "severe")  # pipeline.degradation.Verdict, without importing OpenCV
+VERDICT_ORDER = ("clean", "mild", "moderate", "severe")  # imaging.degradation.Verdict, without importing OpenCV
 
 
 def _in_verdict_order(counts: Counter[str]) -> list[tuple[str, int]]:
@@ -201,7 +202,7 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
 
     One writer per DST: the run holds the lease ``DST/_dr2/lease.json`` (renewed in the background) from planning to
     its last commit; another run on the same DST waits up to ``cfg.wait`` seconds, then stops with
-    :class:`~pipeline.leases.LeaseHeld` naming the holder. A lease whose holder was a process of this machine that
+    :class:`~pipeline.store.leases.LeaseHeld` naming the holder. A lease whose holder was a process of this machine that
     has exited is taken over at once; another machine's, once it expires.
 
     ``only`` restricts the run to these unit names (the nightly job); ``on_part`` sees every part summary as it
@@ -221,7 +222,7 @@ def _dst_lease(cfg: PipelineConfig, run_id: str | None) -> Iterator[Any]:
     names what to check, as for any other storage call."""
     import botocore.exceptions
 
-    from pipeline.leases import Owner, hold_lease
+    from pipeline.store.leases import Owner, hold_lease
 
     uri = storage.join(cfg.dst, LEASE_FILE)
     with contextlib.ExitStack() as stack:
@@ -245,8 +246,8 @@ class UnitOutcome:
 
 def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str, Any], RunSummary], None] | None,
                 only: Collection[str] | None, on_unit: Callable[[UnitOutcome], None] | None) -> RunSummary:
-    from pipeline.build import build_dataset, init_ray, remote_call, stream_summaries, wait
-    from pipeline.models import model_identity
+    from pipeline.graph.build import build_dataset, init_ray, remote_call, stream_summaries, wait
+    from pipeline.graph.models import model_identity
 
     t0 = time.perf_counter()
     options = cfg.storage_options()
@@ -275,7 +276,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     shards.clear_stagings(todo, cfg.dst, config_hash, options=options)
 
     init_ray(cfg)
-    from pipeline.progress import Progress
+    from pipeline.runner.progress import Progress
 
     if cfg.report and cfg.report_faces_per_thousand is None:
         cfg = dataclasses.replace(cfg, report_faces_per_thousand=sheet_rate(cfg, todo))
@@ -283,7 +284,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
     bar = Progress(len(todo), images or None, mode=cfg.progress)
     progress = {u.name: UnitProgress(u) for u in todo}
     # Commits run in the background as units complete, batched when they complete faster than one by one
-    # (pipeline.shards.Committer); the lease is checked before each batch too.
+    # (pipeline.formats.shards.Committer); the lease is checked before each batch too.
     committer = shards.Committer(cfg.dst, config_hash, remote=lambda fn, *a, **k: wait([remote_call(fn, *a, **k)])[0],
                                  check=lease.check, describe=one_line, options=options)
 
@@ -306,14 +307,14 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
         summary.statuses = +summary.statuses  # drop zero counts
 
     def committed() -> str:
-        """What a stopped run's one line says (pipeline.stopping.final_line)."""
+        """What a stopped run's one line says (pipeline.runner.stopping.final_line)."""
         pending = committer.pending()
         done = summary.units_skipped + summary.units_done - pending
         return (f"{done} of {summary.units_total} unit(s) committed ({summary.units_skipped} of them before this "
                 "run)" + (f"; {pending} commit(s) were under way (a unit without its .stats.json marker is redone)"
                           if pending else ""))
 
-    with stopping.progress(committed):  # the line a stopped run prints (pipeline/stopping.py)
+    with stopping.progress(committed):  # the line a stopped run prints (pipeline/runner/stopping.py)
         try:
             graph = build_dataset(todo, cfg, model_info, config_hash)
             summary.pools = graph.pools.to_dict()
@@ -404,7 +405,7 @@ def _collect_report_rows(summary: RunSummary, part: dict[str, Any]) -> None:
     if part.get("sheet"):
         summary.sheet.extend(json.loads(part["sheet"]))
         if len(summary.sheet) > MAX_SHEET:
-            from pipeline.report import normalise
+            from pipeline.runner.report import normalise
 
             summary.sheet = normalise({"run": {}, "faces": summary.sheet})["faces"][: MAX_SHEET // 2]
     rows = part.get("non_ok") or []
@@ -416,7 +417,7 @@ def _collect_report_rows(summary: RunSummary, part: dict[str, Any]) -> None:
 def write_run_report(cfg: PipelineConfig, summary: RunSummary) -> str:
     """``DST/_dr2/report/index.html`` (+ ``report.json``) for this run: counts, timings, units, the contact sheet of
     faces (worst first) and the samples that were not ok."""
-    from pipeline import report
+    from pipeline.runner import report
 
     def iso(t: float) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
@@ -507,7 +508,7 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str,
         "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
-        # the run's stage actors up to this commit (pipeline.build.busy_table): how much of their wall time they
+        # the run's stage actors up to this commit (pipeline.graph.build.busy_table): how much of their wall time they
         # spent working; the restorers' share is what a GPU node is paid for
         "busy": busy or {},
     }

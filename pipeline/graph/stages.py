@@ -9,9 +9,10 @@ become that row's ``status``/``error`` through :func:`guarded`; an exception tha
 
 Stages, in order:
 
-1. :func:`read_units` (CPU task): a group of units (one, or several small ones: ``pipeline.units.read_groups``) ->
+1. :func:`read_units` (CPU task): a group of units (one, or several small ones: ``pipeline.formats.units.read_groups``)
+->
    blocks of at most ``rows_per_block`` rows, ``block_mb`` MiB and ``block_pixels`` decoded pixels (from the images'
-   headers; ``pipeline/memory.py``), each unit's rows followed by its end row.
+   headers; ``pipeline/graph/memory.py``), each unit's rows followed by its end row.
 2. :func:`detect_block` (actor :class:`DetectStage`): decode (``detect_batch_size`` images and ``block_pixels`` at a
    time), detect, align -> ``faces`` and ``crops``, the decoded pixels dropped; yields blocks of at most
    ``faces_block`` faces, so that the restorer gets work early.
@@ -25,7 +26,7 @@ Stages, in order:
 
 Full-resolution pixels never cross the object store: a 48 MP photo is 144 MB decoded and a few MB as a JPEG, so
 blocks carry image bytes, crops and records, and decoding twice (detection, paste-back) costs less than shipping
-the pixels twice (``pipeline/memory.py``).
+the pixels twice (``pipeline/graph/memory.py``).
 
 Torch, OpenCV and the models are imported inside the functions that use them: the driver imports this module
 to hand its classes to Ray and should not pay for what only workers run.
@@ -47,18 +48,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline import failpoints, shards, storage
+from pipeline import failpoints
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
+from pipeline.formats import shards
 from pipeline.formats.base import PartRows
-from pipeline.units import Unit, UnitKind
-from pipeline.wds import MemberNote
+from pipeline.formats.units import Unit, UnitKind
+from pipeline.formats.wds import MemberNote
+from pipeline.store import storage
 
 if TYPE_CHECKING:
     from dr2.restorer import FaceRestorer
-    from pipeline.decode import DecodedImage
-    from pipeline.degradation import Degradation
-    from pipeline.mtcnn import MTCNN
+    from pipeline.imaging.decode import DecodedImage
+    from pipeline.imaging.degradation import Degradation
+    from pipeline.imaging.mtcnn import MTCNN
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def guarded(status: list[str], error: list[str], i: int, on_error: S.Status, fn:
     An ``ImageError`` carries its own status (``decode_error``, ``too_large``); anything else gets ``on_error``.
     The one place where a per-image failure turns into data (STYLE rule 7); ``fn`` never returns None.
     """
-    from pipeline.decode import ImageError
+    from pipeline.imaging.decode import ImageError
 
     try:
         return fn(*args)
@@ -136,8 +139,8 @@ def _pending(status: str) -> bool:
 class _BlockBuilder:
     """Accumulates read rows column by column; ``full`` once a block's row, byte or decoded-pixel budget is reached.
 
-    Pixels are counted from each image's header (:func:`pipeline.decode.decoded_pixels`: nothing is decoded here, and
-    an image over ``max_pixels``, never decoded, counts 0). A row whose pixels would take the block over
+    Pixels are counted from each image's header (:func:`pipeline.imaging.decode.decoded_pixels`: nothing is decoded
+    here, and an image over ``max_pixels``, never decoded, counts 0). A row whose pixels would take the block over
     ``cfg.block_pixels`` closes the block before it joins (``full`` is then true, and ``take`` gives the closed
     block): a block never holds more decoded pixels than the budget, except one photo larger than it, alone.
     """
@@ -161,7 +164,7 @@ class _BlockBuilder:
     def add(self, *, key: str, unit: str, index: int, image_member: str | None, image: bytes | None,
             members: Sequence[tuple[str, bytes]], status: str, error: str, unit_size: int | None = None,
             notes: Sequence[MemberNote] = (), timings: dict[str, float] | None = None) -> None:
-        from pipeline.decode import decoded_pixels
+        from pipeline.imaging.decode import decoded_pixels
 
         pixels = decoded_pixels(image, max_pixels=self.image_limit) if image else 0
         if len(self) and (self._over() or self.pixels + pixels > self.max_pixels):
@@ -273,14 +276,14 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
     A window holds at most ``detect_batch_size`` images and ``cfg.block_pixels`` decoded pixels (from the headers;
     one larger image alone): that is all this stage holds decoded at once, however Ray merged the blocks it is given.
     The decoded pixels stay here: the row keeps its faces' records and 512x512 crops (the paste-back decodes the
-    image bytes again, ``pipeline/memory.py``).
+    image bytes again, ``pipeline/graph/memory.py``).
 
     Yields the block in slices of at most ``cfg.faces_block`` faces (a slice ends after the window that reaches it),
     so the restorer starts early.
     """
-    from pipeline.decode import decoded_pixels
-    from pipeline.degradation import estimate_degradation
-    from pipeline.faces import AlignOptions, align_faces
+    from pipeline.imaging.decode import decoded_pixels
+    from pipeline.imaging.degradation import estimate_degradation
+    from pipeline.imaging.faces import AlignOptions, align_faces
 
     status, error = _column(table, S.STATUS), _column(table, S.ERROR)
     index = table.column(S.INDEX).to_numpy()
@@ -354,7 +357,7 @@ def _pixel_windows(rows: list[int], max_rows: int, max_pixels: int,
 
 
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    from pipeline.decode import decode_image as decode
+    from pipeline.imaging.decode import decode_image as decode
 
     return decode(data, max_pixels=max_pixels)
 
@@ -501,8 +504,8 @@ def _restore_stages(restorer: FaceRestorer, faces: np.ndarray, keys: list[str], 
     """(enhanced output, THUMBxTHUMB thumbnail of the DR2 output before the enhancer) per face, all restored with
     ``setting`` (N, tau, omega); None: the run's own."""
     N, tau, omega = setting or cfg.face_setting(None)
-    # The restorer was built with the run's omega (pipeline/models.py): only another one is passed per call, so that
-    # restorers which know one omega only keep working for the runs that need no other.
+    # The restorer was built with the run's omega (pipeline/graph/models.py): only another one is passed per call, so
+    # that restorers which know one omega only keep working for the runs that need no other.
     kw: dict[str, Any] = {} if omega == cfg.resolved_omega else {"omega": omega}
     stages_of = getattr(restorer, "restore_stages", None)
     if stages_of is None:
@@ -571,10 +574,10 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
 
 def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> tuple[bytes, np.ndarray]:
     """Row ``i``'s output bytes and composed photo: the image bytes decoded again (the same bytes give the same
-    pixels as detection's decode; pixels never travel between stages, ``pipeline/memory.py``), the faces pasted over
-    their regions only. Called one row at a time, so a write task holds one decoded photo at once."""
-    from pipeline.decode import encode_image
-    from pipeline.faces import paste_faces
+    pixels as detection's decode; pixels never travel between stages, ``pipeline/graph/memory.py``), the faces pasted
+    over their regions only. Called one row at a time, so a write task holds one decoded photo at once."""
+    from pipeline.imaging.decode import encode_image
+    from pipeline.imaging.faces import paste_faces
 
     img = decode_image(table.column(S.IMAGE)[i].as_py(), cfg.max_pixels)
     affines = [np.array(f["affine"], np.float64).reshape(2, 3) for f in table.column(S.FACES)[i].as_py()]
@@ -587,7 +590,7 @@ def _compose_row(table: pa.Table, i: int, cfg: PipelineConfig) -> tuple[bytes, n
 def _pasted_regions(rgb: np.ndarray, boxes: list[list[float]]) -> list[np.ndarray]:
     """The report's ``pasted`` image of each face box (``report.pasted_region``), as views of one copy of the part
     of ``rgb`` that they cover."""
-    from pipeline.report import pasted_bounds
+    from pipeline.runner.report import pasted_bounds
 
     bounds = [pasted_bounds(rgb.shape, (b[0], b[1], b[2], b[3])) for b in boxes]
     left, top = min(b[0] for b in bounds), min(b[1] for b in bounds)
@@ -602,7 +605,7 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
                     quality: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``dr2.json`` member of a sample. Deterministic unless ``record_timings`` is set.
 
-    ``quality`` (restored faces only): per face the measures of :mod:`pipeline.quality` and their ``flags``; a
+    ``quality`` (restored faces only): per face the measures of :mod:`pipeline.imaging.quality` and their ``flags``; a
     sample with any flagged face is ``suspect`` (kept, never dropped).
 
     Each face's entry (:func:`face_json`) carries its ``degradation`` estimate, the ``N``/``tau``/``omega`` it was
@@ -628,7 +631,7 @@ def sample_metadata(*, key: str, status: str, error: str, image_member: str | No
         "restorer": cfg.restorer.value,
         "models": model_info,
     }
-    if "note" in model_info:  # the simulated restorer (pipeline/simulate.py): these faces are NOT restored
+    if "note" in model_info:  # the simulated restorer (pipeline/graph/simulate.py): these faces are NOT restored
         meta["simulated"] = model_info["note"]
     if quality is not None:
         meta["suspect"] = any(q["flags"] for q in quality)
@@ -756,8 +759,8 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
     sheet: list[dict[str, Any]] = []
     if all(composed.status[r] != S.Status.OK.value for r in run):
         return quality, sheet  # no restored face: nothing to measure, and torch stays unimported on cheap blocks
-    from pipeline import report
-    from pipeline.quality import measure_face
+    from pipeline.imaging.quality import measure_face
+    from pipeline.runner import report
 
     thresholds = cfg.quality_thresholds()
     crops, restored, thumbs = table.column(S.CROPS), table.column(S.RESTORED), table.column(S.DR2_THUMBS)
@@ -775,7 +778,7 @@ def _judge_faces(table: pa.Table, run: list[int], composed: Composed,
             rec = row_records[j] if j < len(row_records) else {}
             q = measure_face(inp, out, N=rec.get("N") or cfg.N, ddpm_size=cfg.ddpm_size)  # the N this face had
             entry = report.face_entry(shard=unit, key=key, face_index=j, images={}, quality=q, thresholds=thresholds)
-            if rec.get("degradation") is not None:  # the sheet shows each face's verdict (pipeline/report.py)
+            if rec.get("degradation") is not None:  # the sheet shows each face's verdict (pipeline/runner/report.py)
                 d = rec["degradation"]
                 entry["degradation"] = {"verdict": d["verdict"], "score": round(d["score"], 2)}
                 entry["restored"] = rec.get("restored") is not False
@@ -800,7 +803,7 @@ class DetectStage:
     """Actor: holds the MTCNN detector."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
-        from pipeline.models import build_detector, pick_device
+        from pipeline.graph.models import build_detector, pick_device
 
         self.cfg = cfg
         self.detector = build_detector(cfg, pick_device(cfg.device))
@@ -817,7 +820,7 @@ class RestoreStage:
     """Actor: holds the face restorer (DR2 + enhancer on a GPU in production)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
-        from pipeline.models import pick_device, restorer_from_config
+        from pipeline.graph.models import pick_device, restorer_from_config
 
         self.cfg = cfg
         device = pick_device(cfg.device)
@@ -850,7 +853,7 @@ def write_block_batch(batch: pa.Table, cfg: PipelineConfig, model_info: dict[str
         try:
             import torch  # noqa: F401 - imported first so that a broken import is caught here
 
-            from pipeline import quality, report  # noqa: F401
+            from pipeline.imaging import quality  # noqa: F401
         except Exception as e:  # noqa: BLE001 - an interpreter with a half-imported torch cannot recover
             log.error("this worker cannot import torch (%s: %s); exiting so that Ray retries the block on a fresh "
                       "one", type(e).__name__, e)

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from dr2.restorer import FACE_SIZE, FaceRestorer
-from pipeline.mtcnn import Detection, FaceDetector
+from pipeline.imaging.mtcnn import Detection, FaceDetector
 from pipeline.schema import FaceSelect
 
 # facexlib's FFHQ 512 template (x, y): left eye, right eye, nose, left mouth corner, right mouth corner.

@@ -1,6 +1,6 @@
 """The run report: what a person opens after a run, ``DST/_dr2/report/index.html`` with ``report.json`` behind it.
 
-Local paths and ``s3://`` alike (written through ``pipeline.storage``). The folder is self-contained: the page
+Local paths and ``s3://`` alike (written through ``pipeline.store.storage``). The folder is self-contained: the page
 references its images relatively (``faces/...``), loads no font, script or stylesheet from anywhere, and works
 offline, so ``report/`` can be copied anywhere (it links back to the output shards with ``../../SHARD``, which
 only resolves beside the outputs).
@@ -38,13 +38,13 @@ in the JSON and ignored by the page::
         "done": 10, "skipped": 2,                    # skipped: already committed by an earlier run (resume)
         "failed": [{"unit": "shard-007.tar", "reason": "..."}]
       },
-      "degradation": {                               # pipeline.degradation: the estimate on every face pasted back
+      "degradation": {                               # imaging/degradation.py: the estimate on every face pasted back
         "verdicts": {"clean": 300, "mild": 900, "moderate": 180, "severe": 18},
         "skipped": 300, "saved_seconds": 88.2,       # clean faces pasted back unrestored (--skip-clean), time saved
         "adaptive": true, "skip_clean": true, "thresholds": {"clean_max_factor": 2.5, ...}
       },
       "stage_seconds": {"decode": 12.1, "detect": 80.4, "align": 3.2, "restore": 1500.9, "compose": 20.0, ...},
-      "quality_thresholds": {"min_lowfreq_psnr": 20.0, ...},   # pipeline.quality.QualityThresholds, as used
+      "quality_thresholds": {"min_lowfreq_psnr": 20.0, ...},   # pipeline.imaging.quality.QualityThresholds, as used
       "faces": [                                     # the contact sheet: a sample, worst first
         {"shard": "shard-000.tar", "key": "img_0001", "face_index": 0,
          "images": {"input": "faces/....jpg", "dr2": "...", "enhanced": "...", "pasted": "..."},  # relative
@@ -57,7 +57,7 @@ in the JSON and ignored by the page::
       "non_ok_total": 10                             # non-ok samples in the run (non_ok holds at most MAX_NON_OK)
     }
 
-Faces are sorted worst first: flagged faces by decreasing ``severity`` (``pipeline.quality.severity``), then
+Faces are sorted worst first: flagged faces by decreasing ``severity`` (``pipeline.imaging.quality.severity``), then
 the rest, each group in (shard, key, face_index) order so the page is the same for the same run.
 Every string that reaches the page is HTML-escaped (keys and error messages come from the data and may be
 hostile); URLs are percent-encoded.
@@ -76,8 +76,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.quality import FaceQuality, QualityThresholds, flags, severity
-from pipeline.storage import join, write_bytes_atomic
+from pipeline.imaging.quality import FaceQuality, QualityThresholds, flags, severity
+from pipeline.store.storage import join, write_bytes_atomic
 
 REPORT_VERSION = 1
 REPORT_DIR = ("_dr2", "report")  # under DST

@@ -4,7 +4,7 @@ shards, and image folders become sorted relative image paths.
 Braces (``shard-{000..099}.tar``, ``{train,val}/``) are expanded by the ``braceexpand`` package, the one
 webdataset itself uses, so a pattern means here what it means to ``wds.WebDataset``. Globs follow the shell
 (``*`` and ``?`` stop at ``/``, ``**`` crosses it) on local paths and on S3 keys alike. Listing goes through
-:mod:`pipeline.storage` (paged on S3).
+:mod:`pipeline.store.storage` (paged on S3).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from pipeline import storage
-from pipeline.storage import ObjectInfo, StorageOptions
-from pipeline.wds import IMAGE_EXTENSIONS, escape_name
+from pipeline.formats.wds import IMAGE_EXTENSIONS, escape_name
+from pipeline.store import storage
+from pipeline.store.storage import ObjectInfo, StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def expand_sources(
 
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
-"""File suffixes of plain-image inputs: the one list (:data:`pipeline.wds.IMAGE_EXTENSIONS`), dotted."""
+"""File suffixes of plain-image inputs: the one list (:data:`pipeline.formats.wds.IMAGE_EXTENSIONS`), dotted."""
 INTERNAL_DIRS = ("_dr2", "_dr2_staging")
 """Directories the pipeline writes next to its outputs; never listed as inputs."""
 
@@ -160,7 +160,7 @@ def list_image_inputs(
     """The images under a local folder or S3 prefix (recursive, sorted), and the image paths refused, each with
     its reason: a name that is not valid UTF-8 or that would be written outside DST (``..``, absolute), or a
     symbolic link (never followed: it could point anywhere on the machine). Refused paths are not lost: they go to
-    their chunk's marker (:func:`pipeline.units.image_chunks`).
+    their chunk's marker (:func:`pipeline.formats.units.image_chunks`).
 
     Suffixes match case-insensitively. The pipeline's own ``_dr2*`` directories are skipped.
     """

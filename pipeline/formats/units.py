@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from pipeline import storage
-from pipeline.wds import escape_name
+from pipeline.formats.wds import escape_name
+from pipeline.store import storage
 
 if TYPE_CHECKING:
     from pipeline.formats.base import Format
@@ -64,7 +64,7 @@ class Unit:
     different identity redoes the unit (the input changed, or images were added to or removed from a chunk)."""
     refused: tuple[tuple[str, str], ...] = ()
     """(chunks only) Image paths of this chunk that are not inputs, each escaped as valid UTF-8 with its reason
-    (:func:`pipeline.sources.list_image_inputs`): recorded in the chunk's marker, so nothing is dropped unsaid."""
+    (:func:`pipeline.store.sources.list_image_inputs`): recorded in the chunk's marker, so nothing is dropped unsaid."""
     column: str = ""
     """(parquet only) The image column named by ``--image-column``; empty: found in each file's schema by
     :func:`pipeline.formats.parquet.image_column`, the same rule when reading and when committing."""

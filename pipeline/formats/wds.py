@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Self
 
-from pipeline import storage
-from pipeline.storage import StorageOptions
+from pipeline.store import storage
+from pipeline.store.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def iter_tar_samples(
     then :class:`ShardReadError` is raised with the interrupted sample in ``partial``. A tar that
     simply stops at a member boundary without the end-of-archive blocks counts as truncated (its
     last sample may be missing members) unless ``require_end_marker=False``. Storage failures
-    (credentials, network) raise :class:`~pipeline.storage.StorageError` instead.
+    (credentials, network) raise :class:`~pipeline.store.storage.StorageError` instead.
     """
     ending: dict[str, str] = {}
 
