@@ -398,6 +398,7 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
     stop: KeyboardInterrupt | None = None
     try:
         while True:
+            stopping.check()  # no new wave once a stop was asked for, even if its first exception was lost
             claims, plan, busy = claim_units(state, units, done, owner=owner, keeper=keeper,
                                              max_attempts=max_attempts, retry_quarantined=retry_quarantined,
                                              limit=claim_batch, exclude=attempted)

@@ -318,6 +318,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
             graph = build_dataset(todo, cfg, model_info, config_hash)
             summary.pools = graph.pools.to_dict()
             for part in stream_summaries(graph):
+                stopping.check()  # a stop whose first exception was lost (pipeline/stopping.py) stops here
                 settle(committer.results())
                 p = progress[part[S.UNIT]]
                 if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
