@@ -206,7 +206,8 @@ def run_restore(cfg: PipelineConfig, *, on_part: Callable[[dict[str, Any], RunSu
     has exited is taken over at once; another machine's, once it expires.
 
     ``only`` restricts the run to these unit names (the nightly job); ``on_part`` sees every part summary as it
-    arrives (progress display, benchmarks); ``on_unit`` hears of every unit committed or failed. A unit that cannot
+    arrives (progress display, benchmarks); ``on_unit`` hears of every unit committed or failed (not of those a stop
+    cut short: the run raises ``KeyboardInterrupt`` after the commits under way). A unit that cannot
     be read is recorded in ``summary.failed`` and the others go on; an error of the job itself (an actor that keeps
     dying, weights that fail their checksum) raises after the units already complete are committed.
     """
@@ -320,6 +321,7 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
             summary.pools = graph.pools.to_dict()
             summary.memory = graph.memory_plan.to_dict() if graph.memory_plan is not None else {}
             for part in stream_summaries(graph):
+                stopping.check()  # a stop whose first exception was lost (pipeline/runner/stopping.py) stops here
                 settle(committer.results())
                 p = progress[part[S.UNIT]]
                 if p.committed:  # a retried block of a unit already committed (or failed): nothing more to count
@@ -358,12 +360,16 @@ def _run_leased(cfg: PipelineConfig, lease: Any, *, on_part: Callable[[dict[str,
                     summary.read_errors[p.unit.name] = p.read_error
                 p.parts, p.committed = {}, True
         except BaseException as e:
-            # The job itself broke (or was interrupted): what was complete is committed, the rest is reported.
+            # The job itself broke (or was interrupted): what was complete is committed, the rest is reported. A
+            # stop (Ctrl-C, SIGTERM) is no unit's outcome: on_unit does not hear of the units it cut short, so the
+            # nightly job gives them their attempt back instead of counting a failure towards their quarantine.
             bar.close()
             settle(committer.close())
+            stopped = isinstance(e, KeyboardInterrupt)
             for p in progress.values():
                 if not p.committed and p.unit.name not in summary.failed:
-                    _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary, on_unit)
+                    _fail(p, f"the run stopped before this unit was complete: {one_line(e)}", summary,
+                          None if stopped else on_unit)
             raise
         bar.close()
         summary.busy = graph.busy

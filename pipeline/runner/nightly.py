@@ -64,6 +64,9 @@ def run_nightly_job(cfg: PipelineConfig, state_uri: str, *, max_attempts: int = 
         try:
             run_restore(dataclasses.replace(cfg, limit=None), only={u.name for u in chosen}, on_unit=heard,
                         run_id=run_id)
+        except KeyboardInterrupt:  # a stop (runner/stopping.py): what finished is reported, then the stop goes on
+            yield from outcomes  # the units it cut short are not (run_restore told nothing of them): run_nightly
+            raise  # gives them their attempt back
         except Exception as e:  # noqa: BLE001 - every unit got its outcome through on_unit; the run goes on
             log.warning("the restore of %d units stopped: %s", len(keys), e)
         reported = {o.unit for o in outcomes}
@@ -73,7 +76,9 @@ def run_nightly_job(cfg: PipelineConfig, state_uri: str, *, max_attempts: int = 
         yield from outcomes
 
     state = ns.NightlyState(state_uri, options=options)
-    # SIGTERM and Ctrl-C: pipeline/runner/stopping.py (the CLI installs it) raises KeyboardInterrupt, which unwinds
-    # through run_nightly: it releases its claims, and a hard stop releases them as its last words (LeaseKeeper)
+    # SIGTERM and Ctrl-C: pipeline/runner/stopping.py (the CLI installs it) raises KeyboardInterrupt once the commits
+    # under way are done; run_nightly records what finished, gives the rest their attempt back, completes its record
+    # ("stopped"), releases its claims and lets the stop go on up. A hard stop releases the claims as its last words
+    # (LeaseKeeper) and leaves the record "running".
     return ns.run_nightly(state, list(by_key), done, process, max_attempts=max_attempts,
                           retry_quarantined=retry_quarantined, config_hash=config_hash, run_id=run_id, claim_batch=wave)

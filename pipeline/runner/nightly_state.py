@@ -26,7 +26,10 @@ Guarantees, all from :mod:`pipeline.store.leases`:
 Attempt policy: each run that starts a unit counts one attempt; success resets the count. A unit whose count
 reaches ``max_attempts`` (default 3) is quarantined and skipped by later runs until ``retry_quarantined`` puts
 it back with a fresh count. If ``process`` itself raises (broken infrastructure, not bad data), the attempts
-of the units it had not reported are rolled back and the run ends with status ``error``.
+of the units it had not reported are rolled back and the run ends with status ``error``. A run stopped by Ctrl-C
+or SIGTERM (``KeyboardInterrupt``, pipeline/runner/stopping.py) is neither: what ``process`` reported is recorded, the
+units it cut short get their attempt back (a unit stopped every night is never quarantined for it), the record
+ends with status ``stopped``, the claims are released and the ``KeyboardInterrupt`` goes on up.
 
 Exit codes for cron/CI (:func:`exit_code`): 0 every unit is done; 1 some units failed or are quarantined; 2 the
 run could not start or could not finish (state lease not obtained, storage unreachable, ``process`` raised).
@@ -39,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 import time
 import uuid
 from collections import Counter
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pipeline.runner import stopping
 from pipeline.store import leases
 from pipeline.store.leases import Lease, LeaseHeld, LeaseKeeper, Owner
 from pipeline.store.storage import StorageOptions
@@ -68,6 +73,7 @@ class RunStatus(StrEnum):
     OK = "ok"  # every unit is done (or being done by another live run)
     FAILED = "failed"  # some units failed or are quarantined
     ERROR = "error"  # could not start or could not finish
+    STOPPED = "stopped"  # stopped by Ctrl-C or SIGTERM: what finished is recorded, the rest is left for the next run
 
 
 @dataclass
@@ -378,7 +384,8 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
     Raises only when the run cannot even write its record (STATE_URI unreachable, no permission): exit code 2,
     nothing recorded. Every later failure (the state lease still held by another run after ``state.lock_wait_s``,
     storage errors mid-run, ``process`` raising) ends the run with status ``error`` (exit code 2) and a record
-    that says why; its claims are released on the way out."""
+    that says why; its claims are released on the way out. A ``KeyboardInterrupt`` (Ctrl-C, SIGTERM) ends the run
+    with status ``stopped`` (see the module docstring) and is raised again once the record is written."""
     owner = Owner.current(run_id)
     record = RunRecord(run_id=owner.run_id, host=owner.host, pid=owner.pid, start=time.time(),
                        config_hash=config_hash)
@@ -389,8 +396,10 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
     elsewhere: set[str] = set()  # units held by other live runs when we found nothing left to claim
     quarantined: list[str] = []
     first_plan: NightlyPlan | None = None
+    stop: KeyboardInterrupt | None = None
     try:
         while True:
+            stopping.check()  # no new wave once a stop was asked for, even if its first exception was lost
             claims, plan, busy = claim_units(state, units, done, owner=owner, keeper=keeper,
                                              max_attempts=max_attempts, retry_quarantined=retry_quarantined,
                                              limit=claim_batch, exclude=attempted)
@@ -402,6 +411,14 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
             wave = _Wave(state, owner, keeper, claims, record, samples, max_attempts)
             try:
                 wave.consume(process(list(claims)), flush_s)
+            except KeyboardInterrupt as e:  # a stop: keep what finished; the rest is no failure of theirs
+                stop = e
+                wave.flush()
+                _roll_back(state, owner, wave.pending)  # before the claims go: nobody takes them with the count
+                quarantined.extend(wave.quarantined)
+                if wave.pending:
+                    record.error = f"{len(wave.pending)} unit(s) cut short, given their attempt back"
+                break
             except Exception as e:
                 log.exception("nightly run %s: process raised; rolling back unreported attempts", owner.run_id)
                 wave.flush()  # what was reported is kept; what was not gets its attempt back
@@ -411,11 +428,13 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
                 break
             wave.finish()
             quarantined.extend(wave.quarantined)
+    except KeyboardInterrupt as e:  # stopped while claiming or recording: nothing claimed is cut short
+        stop = e
     except Exception as e:  # the state itself broke mid-run (storage, the state lease): stop, say so
         log.exception("nightly run %s: bookkeeping failed; stopping", owner.run_id)
         record.status, record.error = RunStatus.ERROR, f"{type(e).__name__}: {e}"
     finally:
-        keeper.close(release=True)  # also on KeyboardInterrupt: other runs need not wait for the claims to expire
+        keeper.close(release=True)  # also on a stop: other runs need not wait for the claims to expire
     if first_plan is not None:
         record.skipped = len(first_plan.skipped)
         quarantined = list(dict.fromkeys([*first_plan.quarantined, *quarantined]))
@@ -423,6 +442,14 @@ def run_nightly(state: NightlyState, units: Sequence[str], done: set[str], proce
     record.claimed_elsewhere = [u for u in _unique(units) if u in elsewhere and u not in attempted]
     record.samples = dict(samples)
     record.end = time.time()
+    if stop is not None:
+        name = stopping.signal_name(getattr(stop, "signum", signal.SIGINT))
+        record.status, record.error = RunStatus.STOPPED, "; ".join(filter(None, (f"stopped by {name}", record.error)))
+        try:
+            state.write_run(record, run_version)
+        except Exception:  # noqa: BLE001 - the stop goes on; the record stays "running", as a dead run's does
+            log.warning("nightly run %s: could not complete its record", owner.run_id, exc_info=True)
+        raise stop
     if record.status is not RunStatus.ERROR:
         record.status = RunStatus.FAILED if (record.failed or record.quarantined) else RunStatus.OK
     state.write_run(record, run_version)

@@ -141,6 +141,38 @@ def test_units_done_on_disk_are_skipped_and_infrastructure_errors_roll_back(stat
     assert r2.done == ["c", "d"] and r2.skipped == 2 and exit_code(r2) == 0
 
 
+def test_a_stopped_run_keeps_what_finished_gives_the_rest_their_attempt_back_and_frees_its_claims(
+        state_uri: str, tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt, pipeline/runner/stopping.py) after one unit of a wave: the run records
+    that unit done and ends "stopped", the units cut short keep their attempt count (stopped every night, a unit is
+    never quarantined for it), no claim is left, and the KeyboardInterrupt goes on up. The next run does the rest."""
+    state = NightlyState(state_uri, lease_ttl=10, claim_ttl=900)  # a claim left behind would block for 15 min
+    units = ["a", "b", "c"]
+
+    def stopped_after_one(claimed: list[str]) -> Iterator[UnitOutcome]:
+        yield UnitOutcome(unit=claimed[0], ok=True, faces=2)
+        raise KeyboardInterrupt
+
+    for night in range(3):  # more nights than max_attempts
+        with pytest.raises(KeyboardInterrupt):
+            run_nightly(state, units, set(), stopped_after_one, max_attempts=2, flush_s=0)
+        record = state.runs()[-1]
+        assert record.status is RunStatus.STOPPED and record.end is not None, record
+        assert record.done == [units[night]] and record.failed == {} and record.quarantined == []
+        left = len(units) - night - 1
+        assert record.error == "stopped by Ctrl-C" + (f"; {left} unit(s) cut short, given their attempt back"
+                                                      if left else ""), record.error
+        recs = state.units()
+        assert all(recs.get(u, UnitRecord()).attempts == 0 and not recs.get(u, UnitRecord()).quarantined
+                   for u in units), recs
+        assert all(recs[u].status is UnitStatus.DONE for u in units[: night + 1])
+        assert leases.list_names(f"{state_uri}/claims") == [], "claims left behind"
+        assert "stopped" in format_history(state).splitlines()[-1]
+    job = FileJob(tmp_path / "out")
+    r = run_nightly(state, units, set(), job, flush_s=0)
+    assert r.status is RunStatus.OK and r.done == [] and r.skipped == 3
+
+
 def test_two_concurrent_runs_split_the_units_and_never_process_one_twice(state_uri: str, tmp_path: Path) -> None:
     state = NightlyState(state_uri, lease_ttl=10, claim_ttl=30)
     job = FileJob(tmp_path / "out", delay_s=0.15)
