@@ -317,6 +317,9 @@ def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[s
         pools = cluster_pools(cfg)
         plan = cluster_memory(cfg, pools)
         log.info("%s", plan.describe())
+        # Ray Data merges blocks up to this size (memory.STORE_BLOCKS_SHARE): the run's own context, set before the
+        # dataset is made (the Python API's restore_dataset leaves the user's context as the user set it)
+        ray.data.DataContext.get_current().target_max_block_size = plan.ray_block_bytes
         # the stages read the block budget from the config: resolved here, once, for every stage of the run
         cfg = dataclasses.replace(cfg, block_megapixels=plan.block_megapixels)
         return Graph(_build(units, cfg, model_info, config_hash, flight, pools, plan), flight, pools, plan)

@@ -164,9 +164,13 @@ def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> No
     # three decoding slots (one detector, two write tasks) share what the store leaves, at 12 bytes per pixel
     assert plan.block_pixels == int(2.25 * gib / 3 // memory.PEAK_BYTES_PER_PIXEL)
     assert 48_000_000 < plan.block_pixels < 2 * 48_000_000  # one 48 MP photo per block on a 24 GiB node
+    assert plan.ray_block_bytes == 24 * memory.MiB  # Ray merges at most 1/32 of the store into a block
     small = memory.plan_memory(PipelineConfig(memory_budget_mb=512), node_bytes=24 * gib, cpus=16, detect_actors=7)
     assert small.budget_bytes == 512 * memory.MiB and small.object_store_bytes == memory.MIN_OBJECT_STORE
     assert small.write_tasks == 16 and small.block_pixels == memory.MIN_BLOCK_PIXELS  # a 48 MP photo goes alone
+    assert small.ray_block_bytes == memory.MIN_RAY_BLOCK
+    assert memory.plan_memory(PipelineConfig(), node_bytes=2**40, cpus=64, detect_actors=8).ray_block_bytes == (
+        memory.MAX_RAY_BLOCK)  # Ray's own default on a large node
     explicit = memory.plan_memory(PipelineConfig(block_megapixels=2.5, object_store_memory=gib), node_bytes=8 * gib,
                                   cpus=4, detect_actors=2, nodes=2)
     assert explicit.block_pixels == 2_500_000 and explicit.object_store_bytes == gib
