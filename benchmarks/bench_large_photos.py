@@ -139,10 +139,12 @@ def top_processes(n: int = 6) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
-def tree_pss(root: int) -> int:
+def tree_pss(root: int) -> tuple[int, list[tuple[str, float]]]:
     """Proportional set size (bytes) of ``root`` and all its descendants: the run's own memory, Ray's raylet, GCS and
     workers included (a local Ray's processes descend from the driver), shared pages (the object store) counted
-    once. Unlike the machine's figure, it does not move with what other processes on the machine do."""
+    once. Unlike the machine's figure, it does not move with what other processes on the machine do. Also returns
+    each process's PSS (name, GiB), largest first: Ray names its workers by what they run (``ray::IDLE``,
+    ``ray::MapBatches(write_block_batch)``, ``ray::DetectActor``, ``ray::IDLE_SPILL_WORKER``)."""
     parents: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -157,14 +159,18 @@ def tree_pss(root: int) -> int:
         children = [p for p, pp in parents.items() if pp == parent and p not in tree]
         tree.update(children)
         frontier.extend(children)
-    total = 0
+    total, rows = 0, []
     for pid in tree:
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                pss = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-    return total
+        total += pss
+        rows.append((cmd[:50], round(pss / 2**30, 2)))
+    return total, sorted(rows, key=lambda r: -r[1])
 
 
 class MemorySampler:
@@ -177,6 +183,11 @@ class MemorySampler:
         self.tree_samples: list[int] = [0]
         self.samples: list[int] = []
         self.at_peak: dict[str, object] = {}  # shared memory (Ray's object store) and the largest processes at the peak
+        self.tree_at_peak: list[tuple[str, float]] = []  # the run's processes' PSS at the run's own peak
+        # every ~10 s: (seconds, the run's PSS in GiB, its 3 largest processes): memory that grows with the photo
+        # count shows as a rising line, and in which process
+        self.timeline: list[tuple[float, float, list[tuple[str, float]]]] = []
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -191,7 +202,13 @@ class MemorySampler:
                 self.at_peak = {"shmem_gb": round(meminfo("Shmem") / 2**30, 2), "top_rss_gb": top_processes()}
             self.samples.append(used)
             if self.pid is not None:
-                self.tree_samples.append(tree_pss(self.pid))
+                pss, rows = tree_pss(self.pid)
+                if pss > max(self.tree_samples):
+                    self.tree_at_peak = rows[:8]
+                now = time.monotonic() - self._t0
+                if not self.timeline or now - self.timeline[-1][0] >= 10:
+                    self.timeline.append((round(now), round(pss / 2**30, 2), rows[:3]))
+                self.tree_samples.append(pss)
             time.sleep(self.interval)
 
     def __enter__(self) -> MemorySampler:
@@ -240,7 +257,8 @@ def run_once(photos: int, work: Path, extra: list[str]) -> dict[str, object]:
             "baseline_gb": round(base / 2**30, 2), "peak_extra_gb": round((peak - base) / 2**30, 2),
             "run_peak_pss_gb": round(max(mem.tree_samples) / 2**30, 2),
             "wall_s": round(wall, 1), "s_per_photo": round(wall / photos, 2), "s_per_mp": round(wall / mp, 4),
-            "statuses": statuses, "at_peak": mem.at_peak, "load_before": [round(x, 2) for x in load_before],
+            "statuses": statuses, "at_peak": mem.at_peak, "run_at_peak_pss_gb": mem.tree_at_peak,
+            "run_pss_timeline": mem.timeline, "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in load_after],
             "stderr_tail": stderr[-2000:] if proc.returncode else ""}
 

@@ -118,6 +118,12 @@ def init_ray(cfg: PipelineConfig) -> None:
             store = memory.object_store_bytes(cfg, memory.machine_memory())  # a share of the run's memory budget
             log.info("starting a local Ray with %d CPUs and a %d MiB object store", os.cpu_count() or 1,
                      store // memory.MiB)
+            # glibc's malloc settings (memory.MALLOC_ENV) reach the workers only through their environment: the local
+            # Ray's raylet, which starts them, is started by ray.init from this process and inherits os.environ, so
+            # they are set here, before ray.init (this process's own malloc read its settings at start and stays as
+            # it is). A cluster's nodes are started by their own `ray start`: deploy/ sets the same there.
+            for name, value in memory.MALLOC_ENV.items():
+                os.environ.setdefault(name, value)
             # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
             ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=store,
                      include_dashboard=False, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
@@ -311,6 +317,9 @@ def build_dataset(units: Sequence[Unit], cfg: PipelineConfig, model_info: dict[s
         pools = cluster_pools(cfg)
         plan = cluster_memory(cfg, pools)
         log.info("%s", plan.describe())
+        # Ray Data merges blocks up to this size (memory.STORE_BLOCKS_SHARE): the run's own context, set before the
+        # dataset is made (the Python API's restore_dataset leaves the user's context as the user set it)
+        ray.data.DataContext.get_current().target_max_block_size = plan.ray_block_bytes
         # the stages read the block budget from the config: resolved here, once, for every stage of the run
         cfg = dataclasses.replace(cfg, block_megapixels=plan.block_megapixels)
         return Graph(_build(units, cfg, model_info, config_hash, flight, pools, plan), flight, pools, plan)

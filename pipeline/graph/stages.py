@@ -55,6 +55,7 @@ from pipeline.formats import shards
 from pipeline.formats.base import PartRows
 from pipeline.formats.units import Unit, UnitKind
 from pipeline.formats.wds import MemberNote
+from pipeline.graph import memory
 from pipeline.store import storage
 
 if TYPE_CHECKING:
@@ -332,6 +333,7 @@ def detect_block(table: pa.Table, detector: MTCNN, cfg: PipelineConfig) -> Itera
                         status[i], error[i] = S.Status.NO_FACE.value, ""
                 timings[i]["align"] += time.perf_counter() - t0
         del batch, img  # the window's decoded pixels go before the next window is decoded
+        memory.release_freed_memory()  # ... and back to the system (glibc keeps them otherwise: memory.py)
         last = window[-1]
         if face_count >= cfg.faces_block and last + 1 < n:
             yield _detected(table, start, last + 1, status, error, timings, faces, crops)
@@ -566,6 +568,7 @@ def compose_block(table: pa.Table, cfg: PipelineConfig) -> Composed:
                     except ValueError as e:  # a box outside the photo: the report goes without this row's regions
                         log.warning("row %d: no pasted region for the report: %s", i, e)
                 del out, rgb  # the composed photo goes before the next row is decoded
+                memory.release_freed_memory()  # ... and back to the system (glibc keeps it otherwise: memory.py)
             timings[i]["compose"] += time.perf_counter() - t0
         if _pending(status[i]):  # never restored (e.g. no crops): pass through
             status[i] = S.Status.NO_FACE.value

@@ -164,9 +164,13 @@ def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> No
     # three decoding slots (one detector, two write tasks) share what the store leaves, at 12 bytes per pixel
     assert plan.block_pixels == int(2.25 * gib / 3 // memory.PEAK_BYTES_PER_PIXEL)
     assert 48_000_000 < plan.block_pixels < 2 * 48_000_000  # one 48 MP photo per block on a 24 GiB node
+    assert plan.ray_block_bytes == 24 * memory.MiB  # Ray merges at most 1/32 of the store into a block
     small = memory.plan_memory(PipelineConfig(memory_budget_mb=512), node_bytes=24 * gib, cpus=16, detect_actors=7)
     assert small.budget_bytes == 512 * memory.MiB and small.object_store_bytes == memory.MIN_OBJECT_STORE
     assert small.write_tasks == 16 and small.block_pixels == memory.MIN_BLOCK_PIXELS  # a 48 MP photo goes alone
+    assert small.ray_block_bytes == memory.MIN_RAY_BLOCK
+    assert memory.plan_memory(PipelineConfig(), node_bytes=2**40, cpus=64, detect_actors=8).ray_block_bytes == (
+        memory.MAX_RAY_BLOCK)  # Ray's own default on a large node
     explicit = memory.plan_memory(PipelineConfig(block_megapixels=2.5, object_store_memory=gib), node_bytes=8 * gib,
                                   cpus=4, detect_actors=2, nodes=2)
     assert explicit.block_pixels == 2_500_000 and explicit.object_store_bytes == gib
@@ -174,3 +178,36 @@ def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> No
     assert PipelineConfig().block_pixels == PipelineConfig().max_pixels  # unresolved: one photo at the limit
     with pytest.raises(ValueError, match="memory-budget-mb"):
         PipelineConfig(memory_budget_mb=0)
+
+
+RSS_AFTER_FREE = """
+import sys
+from pipeline.graph import memory
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+blocks = [bytearray(64 * 1024) for _ in range(4000)]  # 250 MiB in 64 KiB blocks: below the mmap threshold, a heap
+keep = bytearray(64 * 1024)  # one block above them keeps the heap's top in use: glibc cannot shrink it on free
+del blocks
+before = rss_mib()
+memory.release_freed_memory()
+print(before, rss_mib())
+"""
+
+
+@pytest.mark.skipif(memory._malloc_trim() is None, reason="glibc's malloc_trim only")
+def test_release_freed_memory_gives_a_heap_back_that_glibc_keeps() -> None:
+    """What a worker that decoded photos looks like to glibc: freed blocks below the heap's top stay in the process
+    (an idle write worker held 1.7 GB) until ``malloc_trim``. Run in a fresh interpreter with glibc's defaults."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    before, after = map(float, out.stdout.split())
+    assert before > 200, before  # glibc kept the freed 250 MiB
+    assert after < before - 200, (before, after)  # and gave it back when asked
