@@ -256,5 +256,12 @@ def explain(e: BaseException) -> str:
     return text
 
 
+def entry() -> None:
+    """The ``dr2`` command (and ``python -m jobs.cli``): :func:`main`, then the process ends with its status; a run
+    stopped by a signal ends through :func:`pipeline.runner.stopping.end_process`, which keeps 130/143 whatever
+    Ray's teardown meets."""
+    stopping.end_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

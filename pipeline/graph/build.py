@@ -48,11 +48,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -71,6 +73,61 @@ log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 2
 MAX_RETRIES = 2
+
+
+def _stop_local_ray() -> None:
+    """A stopped CLI run's teardown of the local Ray this process started (pipeline/runner/stopping.py's
+    end_process and hard exit, which ``os._exit`` right after it), in place of Ray's shutdown at exit.
+
+    Without touching Ray from this process: its core worker ends the process with status 1 as soon as it finds its
+    raylet's object store gone ("The connection to the plasma store is failed. Terminate the process", its log), so
+    stopping the raylet first (Ray's own order) turned a 143 into a 1 here every time. Instead, every process
+    below the raylet and the other processes ``ray.init`` started (workers, the dashboard and runtime-env agents) is
+    killed (SIGKILL: a worker stuck on a GPU would not heed SIGTERM), and those started by this process (raylet,
+    GCS, log monitor) die with it: Ray starts them with the kernel's fate sharing (``prctl(PR_SET_PDEATHSIG)``).
+    Where there is no fate sharing, they are killed too, the raylet last. Left to the fate sharing alone, the agents
+    outlived the run (seen here: reparented to init, alive a minute later). A cluster's processes are not this
+    process's to stop (a head sees the driver go); without ``/proc`` (not Linux) Ray's shutdown does it."""
+    from ray._private import worker as ray_worker
+
+    node = ray_worker._global_node
+    if node is None or not node.head:
+        return
+    me = os.getpid()
+    parents = _parents()
+    if parents is None:
+        ray.shutdown()
+        return
+    below: list[int] = []
+    todo = [me]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
+        below.extend(kids)
+        todo.extend(kids)
+    own = [p for p in below if parents[p] == me]
+    order = [p for p in reversed(below) if p not in own]  # the deepest first
+    if not node.kernel_fate_share:
+        raylets = {i.process.pid for i in node.all_processes.get("raylet", []) if i.process is not None}
+        order += sorted(own, key=lambda p: p in raylets)  # the raylet last
+    for pid in order:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _parents() -> dict[int, int] | None:
+    """Every live process's parent, from ``/proc`` (None without it)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    found = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -133,6 +190,7 @@ def init_ray(cfg: PipelineConfig) -> None:
     # ray.init put its own SIGTERM handlers in this process (a native one that prints a stack and aborts): the stop
     # handlers of the CLI go back in their place (pipeline/runner/stopping.py)
     stopping.reinstall()
+    stopping.add_teardown(_stop_local_ray)
     if diverted is not None:
         node = ray_worker._global_node  # None for a Ray Client driver: the file stays in the temp folder
         where = console.move_diverted(node.get_logs_dir_path()) if node is not None else diverted.path

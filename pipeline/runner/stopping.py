@@ -12,6 +12,10 @@ pipeline (``dr2 restore``, ``dr2 nightly``), installed by the CLI with :func:`ha
   (:func:`add_last_words`: lease releases, at most :data:`LAST_WORDS_S`) and the same one line.
 * A second signal ends the process at once, with the same status: nothing is lost, because a commit is atomic and
   its marker comes last; a rerun redoes what has no marker.
+* However it stops, the process ends through :func:`end_process` or the hard exit: the registered teardowns (the
+  local Ray's processes killed, pipeline/graph/build.py) and ``os._exit`` with the status, never the interpreter's
+  exit, where Ray's shutdown could turn 143 into 1 (its core worker exits 1 when it finds its raylet gone, as it is
+  when the whole process group got the signal).
 
 The watchdog hears signals through :func:`signal.set_wakeup_fd` (Python's C-level handler writes each signal's
 number to a pipe as it arrives), so the grace period and the second signal work even while the main thread is stuck
@@ -58,6 +62,7 @@ class _Stop:
     grace_s: float
     signum: int | None = None  # the first stop signal, once one arrived
     at: float = 0.0  # when (monotonic)
+    raised: bool = False  # the main thread has raised Interrupted for it
     said: bool = False  # the one line is out
     active: bool = False  # inside handling()
     exiting: bool = False
@@ -69,6 +74,7 @@ class _Stop:
 _stop: _Stop | None = None  # process state: signal handlers are the process's
 _last_words: dict[int, Callable[[], None]] = {}  # registered by whoever holds a lease, installed or not
 _progress: list[Callable[[], str]] = []
+_teardowns: list[Callable[[], None]] = []  # what a stopped process does itself before it ends (stop the local Ray)
 _registry_lock = threading.Lock()
 _said_last = ""  # what the last describer said when its run ended by an exception
 
@@ -130,9 +136,10 @@ def check() -> None:
     """Raise :class:`Interrupted` again if a stop was asked for inside :func:`handling`. The run loops call it at
     each step (each part that arrives, each nightly wave), because the first signal's exception can be lost: raised
     while the main thread runs a ``__del__``, a garbage-collector or a native library's callback, Python only prints
-    it ("Exception ignored in ...", into Ray's log) and the run goes on as if no signal had come. (Seen once here:
-    a ``dr2 restore`` of tests/jobs/test_stop.py sent SIGTERM mid-commit finished every unit instead; its log was
-    gone, so where the exception went is a guess, but tests/pipeline/test_stopping.py shows the ``__del__`` case.)
+    it ("Exception ignored in ...", into Ray's log) and the run goes on as if no signal had come
+    (tests/pipeline/test_stopping.py shows the ``__del__`` case). Once a ``dr2 restore`` of tests/jobs/test_stop.py
+    sent SIGTERM mid-commit finished every unit instead: more likely the race :func:`_on_signal` now closes, where
+    the handler never raised at all.
     Outside :func:`handling` (a program using the Python API, Ctrl-C's KeyboardInterrupt its own), nothing."""
     st = _stop
     if st is not None and st.active and st.signum is not None and not st.exiting:
@@ -164,6 +171,41 @@ def add_last_words(fn: Callable[[], None]) -> Callable[[], None]:
 
     forget.key = key  # type: ignore[attr-defined]  # keeps id(key) unique while registered
     return forget
+
+
+def add_teardown(fn: Callable[[], None]) -> None:
+    """Have a stopped process call ``fn`` as it ends (:func:`end_process`), in place of the interpreter's exit
+    handlers: ``pipeline.graph.build.init_ray`` registers the stop of the local Ray this process started."""
+    with _registry_lock:
+        if fn not in _teardowns:
+            _teardowns.append(fn)
+
+
+def end_process(code: int) -> None:
+    """How the CLI's process ends (``jobs.cli.entry``). A run that ended normally exits with ``code`` through the
+    interpreter's usual exit (Ray's own shutdown at exit included). A stopped run (a signal came) ends here with
+    ``code``, the status its one line goes with, whatever the teardown meets: the streams are flushed, the
+    registered teardowns run (bounded by the watchdog's grace period), and ``os._exit``. Left to the interpreter's
+    exit, the status was Ray's to decide: once in CI a ``dr2 restore`` whose process group got SIGTERM printed its
+    line and then exited 1, not 143, in Ray's shutdown at exit (what in it exited 1 is not known: the run's Ray logs
+    went with its temp folder, and 18 reruns here, idle and loaded, exited 143). That shutdown also spent 5 s
+    waiting on its task events' flush to a GCS already gone (the driver's Ray log: "TaskEventBuffer shutdown timed
+    out")."""
+    st = _stop
+    if st is None or st.signum is None:
+        raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _tear_down()
+    os._exit(code)
+
+
+def _tear_down() -> None:
+    with _registry_lock:
+        teardowns = list(_teardowns)
+    for fn in teardowns:
+        _quietly(fn)
 
 
 @contextlib.contextmanager
@@ -215,11 +257,16 @@ def _on_signal(signum: int, frame: object) -> None:
     if st is None:
         raise KeyboardInterrupt
     with st.lock:
-        first = st.signum is None
-        if first:
+        if st.signum is None:
             st.signum, st.at = signum, time.monotonic()
+        # Whether the main thread has raised, not whether a signal came: the watchdog hears the signal through the
+        # wakeup pipe as it arrives and records it, often before the main thread gets to run this handler. Asking
+        # "first signal?" here lost the stop whenever the watchdog won that race (the run went on until the grace
+        # period was over: seen here on a cold first run, 2 of 2).
+        first = not st.raised
+        st.raised = True
     if first:
-        raise Interrupted(signum)
+        raise Interrupted(st.signum)
 
 
 def _watchdog(st: _Stop) -> None:
@@ -266,6 +313,7 @@ def _hard_exit(st: _Stop, how: str) -> None:
         t.join(max(0.0, until - time.monotonic()))
     if not st.said:
         _write_line(final_line(how=how))
+    _tear_down()
     os._exit(exit_code(st.signum))
 
 

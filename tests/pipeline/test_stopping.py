@@ -39,3 +39,34 @@ def test_a_stop_whose_exception_was_lost_is_raised_again_by_check() -> None:
     assert "Exception ignored" in proc.stderr and "Interrupted: SIGTERM" in proc.stderr, proc.stderr
     assert proc.stdout.splitlines() == ["went on after the signal", "check raised Interrupted 15 143"], proc
     assert proc.returncode == 0, proc
+
+
+RACE = """
+import os, signal, time
+from pipeline.runner import stopping
+
+with stopping.handling("restore", grace_s=60):
+    # the signal reaches the watchdog's thread (it is blocked in this one), which hears it through the wakeup pipe and
+    # records it at once; the main thread, asleep, runs the Python handler a second later: a busy main thread's order
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+        for _ in range(1000):  # the handler runs at the next bytecodes
+            time.sleep(0.001)
+    except KeyboardInterrupt as e:
+        late = time.monotonic() - stopping._stop.at
+        print("raised", type(e).__name__, e.signum, "after the watchdog recorded it" if late > 0.5 else late, flush=True)
+        os._exit(0)
+print("not raised", flush=True)
+os._exit(0)
+"""
+
+
+def test_the_handler_raises_even_when_the_watchdog_recorded_the_signal_first() -> None:
+    """The watchdog hears a signal as it arrives (the wakeup pipe) and the main thread runs the Python handler when it
+    next runs bytecode; the handler must still raise Interrupted (it used to see the signal already recorded, take
+    itself for a second one and raise nothing: the run went on until its grace period was over)."""
+    proc = subprocess.run([sys.executable, "-c", RACE], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["raised Interrupted 15 after the watchdog recorded it"], proc
