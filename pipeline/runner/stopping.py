@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import logging
 import os
 import select
 import signal
@@ -174,26 +175,35 @@ def add_last_words(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def add_teardown(fn: Callable[[], None]) -> None:
-    """Have a stopped process call ``fn`` as it ends (:func:`end_process`), in place of the interpreter's exit
-    handlers: ``pipeline.graph.build.init_ray`` registers the stop of the local Ray this process started."""
+    """Have the CLI's process call ``fn`` as it ends (:func:`end_process`, the hard exit), in place of the
+    interpreter's exit handlers: ``pipeline.graph.build.init_ray`` registers the stop of the local Ray this process
+    started."""
     with _registry_lock:
         if fn not in _teardowns:
             _teardowns.append(fn)
 
 
 def end_process(code: int) -> None:
-    """How the CLI's process ends (``jobs.cli.entry``). A run that ended normally exits with ``code`` through the
-    interpreter's usual exit (Ray's own shutdown at exit included). A stopped run (a signal came) ends here with
-    ``code``, the status its one line goes with, whatever the teardown meets: the streams are flushed, the
-    registered teardowns run (bounded by the watchdog's grace period), and ``os._exit``. Left to the interpreter's
-    exit, the status was Ray's to decide: once in CI a ``dr2 restore`` whose process group got SIGTERM printed its
-    line and then exited 1, not 143, in Ray's shutdown at exit (what in it exited 1 is not known: the run's Ray logs
-    went with its temp folder, and 18 reruns here, idle and loaded, exited 143). That shutdown also spent 5 s
-    waiting on its task events' flush to a GCS already gone (the driver's Ray log: "TaskEventBuffer shutdown timed
-    out")."""
+    """How the CLI's process ends (``jobs.cli.entry``) with status ``code``. Where a teardown is registered (this
+    process started a local Ray) or a signal stopped the run: the streams and log handlers are flushed, the
+    teardowns run and ``os._exit``, not the interpreter's exit with Ray's shutdown at exit. Otherwise (a command
+    that started no Ray, a driver of a cluster) the interpreter's exit.
+
+    Why, for a stopped run: its status was Ray's to decide. Once in CI a ``dr2 restore`` whose process group got
+    SIGTERM printed its line and then exited 1, not 143, in Ray's shutdown at exit: the driver's core worker exits
+    1 when it finds its raylet's object store gone (its log: "The connection to the plasma store is failed.
+    Terminate the process"; the raylet got the group's SIGTERM too). That shutdown also waited 5 s on its task
+    events' flush to a GCS already gone ("TaskEventBuffer shutdown timed out"). For a run that ended by itself: Ray's
+    shutdown at exit took about 2.8 s of every ``dr2 restore`` (its last line to its exit, 2 runs here); the
+    teardown takes a few milliseconds."""
     st = _stop
-    if st is None or st.signum is None:
+    stopped = st is not None and st.signum is not None
+    with _registry_lock:
+        owned = bool(_teardowns)
+    if not stopped and not owned:
         raise SystemExit(code)
+    if not stopped:  # a stopped run's threads may hold the handlers' locks: its one line is out already
+        logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
