@@ -56,7 +56,8 @@ with stopping.handling("restore", grace_s=60):
             time.sleep(0.001)
     except KeyboardInterrupt as e:
         late = time.monotonic() - stopping._stop.at
-        print("raised", type(e).__name__, e.signum, "after the watchdog recorded it" if late > 0.5 else late, flush=True)
+        said = "after the watchdog recorded it" if late > 0.5 else late
+        print("raised", type(e).__name__, e.signum, said, flush=True)
         os._exit(0)
 print("not raised", flush=True)
 os._exit(0)
