@@ -43,6 +43,7 @@ from pipeline import failpoints
 from pipeline import schema as S
 from pipeline.formats.base import Format, OutputSink, PartRows, ReadResult, ReadRow
 from pipeline.formats.files import list_files
+from pipeline.formats.image_column import as_image_column, image_bytes, is_binary, is_image_struct
 from pipeline.formats.units import MARKER_SUFFIX, Unit, UnitKind, shard_unit
 from pipeline.formats.wds import IMAGE_EXTENSIONS
 from pipeline.store import storage
@@ -72,21 +73,12 @@ class InputChangedError(RuntimeError):
     """The input file is not the one the unit was read from: a commit now would pair rows of two versions."""
 
 
-def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
-
-
-def _is_image_struct(t: pa.DataType) -> bool:
-    """Hugging Face's ``Image`` feature in parquet: a struct with a binary ``bytes`` field (and usually ``path``)."""
-    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type)
-
-
 def image_column(schema: pa.Schema, wanted: str = "") -> str:
     """The column holding the images: ``wanted`` (``--image-column``) if given, else the first binary column named like
     an image (:data:`IMAGE_COLUMN_NAMES`, in that order), else the first ``{bytes, path}`` struct, else the only
     binary column. Raises ValueError naming the candidates when none is found: the unit is then recorded as
     unreadable with that reason, and the others go on."""
-    usable = [f for f in schema if _is_binary(f.type) or _is_image_struct(f.type)]
+    usable = [f for f in schema if is_binary(f.type) or is_image_struct(f.type)]
     if wanted:
         field = next((f for f in schema if f.name == wanted), None)
         if field is None:
@@ -95,11 +87,11 @@ def image_column(schema: pa.Schema, wanted: str = "") -> str:
             raise ValueError(f"--image-column {wanted!r} is of type {field.type}: images need a binary column or a "
                              "struct with a binary 'bytes' field")
         return wanted
-    by_name = {f.name.lower(): f.name for f in usable if _is_binary(f.type)}
+    by_name = {f.name.lower(): f.name for f in usable if is_binary(f.type)}
     for name in IMAGE_COLUMN_NAMES:
         if name in by_name:
             return by_name[name]
-    structs = [f.name for f in usable if _is_image_struct(f.type)]
+    structs = [f.name for f in usable if is_image_struct(f.type)]
     if structs:
         return structs[0]
     if len(usable) == 1:
@@ -123,14 +115,6 @@ def _open(uri: str, options: StorageOptions | None) -> tuple[Any, pq.ParquetFile
     except BaseException:
         f.close()
         raise
-
-
-def _image_values(arr: pa.Array) -> list[bytes | None]:
-    """The image bytes of an image column's slice: the binary values, or the struct's ``bytes`` (null when the struct
-    is)."""
-    if pa.types.is_struct(arr.type):
-        return [None if v is None else v.get("bytes") for v in arr.to_pylist()]
-    return arr.to_pylist()  # type: ignore[no-any-return]
 
 
 class ParquetFormat(Format):
@@ -168,7 +152,7 @@ class ParquetFormat(Format):
             for g in range(pf.num_row_groups):
                 group = pf.read_row_group(g, columns=columns, use_threads=False)
                 for batch in group.to_batches(max_chunksize=READ_BATCH_ROWS):
-                    images = _image_values(batch.column(0))
+                    images = image_bytes(batch.column(0))[0].to_pylist()
                     keys = batch.column(1).to_pylist() if has_key else [None] * batch.num_rows
                     for image, key in zip(images, keys, strict=True):
                         yield ReadRow(key=str(n) if key is None else str(key), image_member=col, image=image,
@@ -224,7 +208,7 @@ class ParquetFormat(Format):
                     local = pa.array(got.column(S.INDEX).to_numpy() - offset)
                     input_rows = pf.read_row_group(g, columns=others + [f"{col}.{s}" for s in sub], use_threads=False)
                     taken = input_rows.take(local)
-                    image = _image_column_out(image_field, got.column(S.IMAGE), taken.column(col) if sub else None)
+                    image = as_image_column(image_field.type, got.column(S.IMAGE), taken.column(col) if sub else None)
                     columns = [image if name == col else got.column(DR2_COLUMN) if name == DR2_COLUMN
                                else taken.column(name) for name in target.names]
                     if got.num_rows:
@@ -238,25 +222,6 @@ class ParquetFormat(Format):
         f, pf = _open(uri, options)
         with f:
             return int(pf.metadata.num_rows)
-
-
-def _image_column_out(field: pa.Field, images: pa.ChunkedArray, rest: pa.ChunkedArray | None) -> pa.Array:
-    """The output image column: the parts' bytes in the input column's type; for a struct, the input's other fields
-    (``rest``: the struct without ``bytes``, with the input's nulls) around them."""
-    data = images.combine_chunks() if images.num_chunks else pa.array([], pa.large_binary())
-    if not pa.types.is_struct(field.type):
-        return data.cast(field.type)
-    children, names = [], []
-    other = rest.combine_chunks() if rest is not None and rest.num_chunks else None
-    for child in field.type:
-        names.append(child)
-        if child.name == "bytes":
-            children.append(data.cast(child.type))
-        else:
-            assert other is not None
-            children.append(other.field(child.name))
-    mask = other.is_null() if other is not None else data.is_null()
-    return pa.StructArray.from_arrays(children, fields=names, mask=mask)
 
 
 class _PartCursor:

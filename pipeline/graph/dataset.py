@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import PipelineConfig
+from pipeline.formats.image_column import as_image_column, image_bytes
 from pipeline.graph.stages import block_table, compose_block, rows_metadata
 
 USER_PREFIX = "__dr2_user__."
@@ -73,41 +74,13 @@ def record_block(images: Sequence[bytes | None], keys: Sequence[str], members: S
 # --------------------------------------------------------------------------------------------- a Ray dataset's batches
 
 
-def _bytes_of(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array | None]:
-    """(the image bytes, the paths or None) of an image column: binary, or a Hugging Face ``{bytes, path}`` struct."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_struct(arr.type):
-        if arr.type.get_field_index("bytes") < 0:
-            raise ValueError(f"an image column of struct type needs a 'bytes' field (Hugging Face's image feature), "
-                             f"got {arr.type}")
-        flat = arr.flatten()  # children with the struct's own nulls applied
-        paths = flat[arr.type.get_field_index("path")] if arr.type.get_field_index("path") >= 0 else None
-        return flat[arr.type.get_field_index("bytes")], paths
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        raise ValueError(f"the image column must hold encoded image bytes (binary) or a {{bytes, path}} struct, got "
-                         f"{arr.type}")
-    return arr, None
-
-
-def with_bytes(column: pa.ChunkedArray | pa.Array, data: pa.Array) -> pa.Array:
-    """``column`` (binary, or a ``{bytes, path}`` struct) with its bytes replaced by ``data``, in ``column``'s own
-    type: the input's placeholder while it travels (nulls), the input given back, and the output image column."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_struct(arr.type):
-        return data.cast(arr.type)
-    flat = arr.flatten()
-    at = arr.type.get_field_index("bytes")
-    flat[at] = data.cast(arr.type.field(at).type)
-    return pa.StructArray.from_arrays(flat, fields=list(arr.type), mask=arr.is_null())
-
-
 def rows_from_batch(batch: pa.Table, *, image_column: str, key_column: str | None) -> pa.Table:
     """A user's batch -> record rows, the batch's columns carried under :data:`USER_PREFIX` (the image column with
     its bytes taken out: they travel once, in ``image``)."""
     if image_column not in batch.column_names:
         raise ValueError(f"the dataset has no column {image_column!r} (columns: {batch.column_names}); pass "
                          "image_column=")
-    data, paths = _bytes_of(batch.column(image_column))
+    data, paths = image_bytes(batch.column(image_column))
     images: list[bytes | None] = data.to_pylist()
     if key_column is not None:
         keys = [str(k) if k is not None else content_key(d) for k, d in
@@ -121,7 +94,7 @@ def rows_from_batch(batch: pa.Table, *, image_column: str, key_column: str | Non
     for name in batch.column_names:
         col: Any = batch.column(name)
         if name == image_column:
-            col = with_bytes(col, pa.nulls(batch.num_rows, pa.large_binary()))
+            col = as_image_column(col.type, pa.nulls(batch.num_rows, pa.large_binary()), col)
         table = table.append_column(USER_PREFIX + name, col)
     return table
 
@@ -159,8 +132,8 @@ def finish_batch(table: pa.Table, *, cfg: PipelineConfig, model_info: dict[str, 
     user = {name[len(USER_PREFIX):]: table.column(name) for name in table.column_names if name.startswith(USER_PREFIX)}
     check_columns(list(user), image_column=image_column, output_column=output_column, metadata_column=metadata_column)
     cols: dict[str, Any] = dict(user)
-    cols[image_column] = with_bytes(user[image_column], image.combine_chunks())
-    cols[output_column] = with_bytes(user[image_column], outputs)
+    cols[image_column] = as_image_column(user[image_column].type, image, user[image_column])
+    cols[output_column] = as_image_column(user[image_column].type, outputs, user[image_column])
     cols[metadata_column] = pa.array([S.dr2_json(m).decode() for m in metas], pa.string())
     cols[metadata_column + STATUS_SUFFIX] = pa.array(composed.status, pa.string())
     return pa.table(cols)

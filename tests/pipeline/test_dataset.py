@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import PipelineConfig, RestorerKind
-from pipeline.graph.dataset import content_key, finish_batch, image_suffix, rows_from_batch, with_bytes
+from pipeline.graph.dataset import content_key, finish_batch, image_suffix, rows_from_batch
 from pipeline.graph.models import build_detector, pick_device
 from pipeline.graph.stages import detect_block
 from tests.jobs.archive import encode, no_face_image
@@ -22,14 +22,6 @@ def test_image_suffix_and_content_key() -> None:
     assert image_suffix(encode(no_face_image())) == "jpg"
     assert image_suffix(b"GIF89a...") is None and image_suffix(None) is None
     assert content_key(b"abc") == content_key(b"abc") != content_key(b"abd")
-
-
-def test_with_bytes_keeps_type_paths_and_nulls() -> None:
-    col = pa.array([{"bytes": b"a", "path": "x.png"}, None, {"bytes": None, "path": "y.jpg"}], HF_IMAGE)
-    out = with_bytes(col, pa.array([b"A", None, b"C"], pa.large_binary()))
-    assert out.type == HF_IMAGE
-    assert out.to_pylist() == [{"bytes": b"A", "path": "x.png"}, None, {"bytes": b"C", "path": "y.jpg"}]
-    assert with_bytes(pa.array([b"a"], pa.binary()), pa.array([b"b"], pa.large_binary())).type == pa.binary()
 
 
 @pytest.mark.parametrize("hf", [False, True], ids=["bytes", "hf-struct"])
