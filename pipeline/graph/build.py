@@ -76,8 +76,9 @@ MAX_RETRIES = 2
 
 
 def _stop_local_ray() -> None:
-    """A stopped CLI run's teardown of the local Ray this process started (pipeline/runner/stopping.py's
-    end_process and hard exit, which ``os._exit`` right after it), in place of Ray's shutdown at exit.
+    """The CLI's teardown of the local Ray this process started, as it ends, stopped or not
+    (pipeline/runner/stopping.py's end_process and hard exit, which ``os._exit`` right after it), in place of Ray's
+    shutdown at exit.
 
     Without touching Ray from this process: its core worker ends the process with status 1 as soon as it finds its
     raylet's object store gone ("The connection to the plasma store is failed. Terminate the process", its log), so

@@ -75,7 +75,7 @@ class _Stop:
 _stop: _Stop | None = None  # process state: signal handlers are the process's
 _last_words: dict[int, Callable[[], None]] = {}  # registered by whoever holds a lease, installed or not
 _progress: list[Callable[[], str]] = []
-_teardowns: list[Callable[[], None]] = []  # what a stopped process does itself before it ends (stop the local Ray)
+_teardowns: list[Callable[[], None]] = []  # what the CLI's process does itself as it ends (stop the local Ray)
 _registry_lock = threading.Lock()
 _said_last = ""  # what the last describer said when its run ended by an exception
 
@@ -184,10 +184,11 @@ def add_teardown(fn: Callable[[], None]) -> None:
 
 
 def end_process(code: int) -> None:
-    """How the CLI's process ends (``jobs.cli.entry``) with status ``code``. Where a teardown is registered (this
-    process started a local Ray) or a signal stopped the run: the streams and log handlers are flushed, the
-    teardowns run and ``os._exit``, not the interpreter's exit with Ray's shutdown at exit. Otherwise (a command
-    that started no Ray, a driver of a cluster) the interpreter's exit.
+    """How the CLI's process ends (``jobs.cli.entry``) with status ``code``. Where a teardown is registered (the
+    command started Ray or joined a cluster: ``init_ray``) or a signal stopped the run: the streams and log handlers
+    are flushed, the teardowns run and ``os._exit``, not the interpreter's exit with Ray's shutdown at exit (a
+    cluster's driver leaves as a killed one would: its head marks the job finished when the connection drops).
+    Otherwise (a command that used no Ray) the interpreter's exit.
 
     Why, for a stopped run: its status was Ray's to decide. Once in CI a ``dr2 restore`` whose process group got
     SIGTERM printed its line and then exited 1, not 143, in Ray's shutdown at exit: the driver's core worker exits
