@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from jobs.demo import demo_photo  # noqa: E402
+from pipeline.procs import process_tree  # noqa: E402
 
 W, H = 8000, 6000  # 48 MP, a 4:3 camera frame
 BIG_W, BIG_H = 15000, 10000  # 150 MP: over the default --max-pixels (100 MP)
@@ -145,20 +146,7 @@ def tree_pss(root: int) -> tuple[int, list[tuple[str, float]]]:
     once. Unlike the machine's figure, it does not move with what other processes on the machine do. Also returns
     each process's PSS (name, GiB), largest first: Ray names its workers by what they run (``ray::IDLE``,
     ``ray::MapBatches(write_block_batch)``, ``ray::DetectActor``, ``ray::IDLE_SPILL_WORKER``)."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(children)
-        frontier.extend(children)
+    tree = {root} | {pid for pid, _ in process_tree(root) or []}
     total, rows = 0, []
     for pid in tree:
         try:

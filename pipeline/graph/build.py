@@ -54,7 +54,6 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -67,6 +66,7 @@ from pipeline.formats.units import Unit, read_groups
 from pipeline.graph import memory
 from pipeline.graph.capacity import TASK_CPUS, ClusterShape, Pools, StagePool, plan_pools
 from pipeline.graph.stages import DetectStage, RestoreStage, read_units_batch, write_block_batch
+from pipeline.procs import process_tree
 from pipeline.runner import stopping
 
 log = logging.getLogger(__name__)
@@ -95,40 +95,18 @@ def _stop_local_ray() -> None:
     if node is None or not node.head:
         return
     me = os.getpid()
-    parents = _parents()
-    if parents is None:
+    tree = process_tree(me)
+    if tree is None:
         ray.shutdown()
         return
-    below: list[int] = []
-    todo = [me]
-    while todo:
-        pid = todo.pop()
-        kids = [p for p, parent in parents.items() if parent == pid]
-        below.extend(kids)
-        todo.extend(kids)
-    own = [p for p in below if parents[p] == me]
-    order = [p for p in reversed(below) if p not in own]  # the deepest first
+    own = [pid for pid, parent in tree if parent == me]
+    order = [pid for pid, parent in reversed(tree) if parent != me]  # the deepest first
     if not node.kernel_fate_share:
         raylets = {i.process.pid for i in node.all_processes.get("raylet", []) if i.process is not None}
         order += sorted(own, key=lambda p: p in raylets)  # the raylet last
     for pid in order:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _parents() -> dict[int, int] | None:
-    """Every live process's parent, from ``/proc`` (None without it)."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return None
-    found = {}
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
 
 
 def init_ray(cfg: PipelineConfig) -> None:
