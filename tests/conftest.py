@@ -9,6 +9,7 @@ slow tier without anyone remembering the marker; everything else slow carries ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,10 @@ DR2_REFERENCE = FIXTURES / "dr2_reference"
 
 # Two cores: keep torch from oversubscribing them when Ray workers run beside the test process.
 torch.set_num_threads(2)
+
+# The Ray the tests start (ray_local, simulated clusters) runs its workers at the test's priority, as dr2's own
+# init_ray does: at Ray's default nice 15 they starve beside any normal-priority load, and a loaded suite crawls.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 # Fixtures that start Ray (a local Ray, a Ray head): any test that depends on one, directly or through another

@@ -92,7 +92,8 @@ def ray_head() -> Iterator[Head]:
     gcs = f"127.0.0.1:{gcs_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
-               RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}:{env.get('PATH', '')}", PYTHONPATH=str(REPO))
+               RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0", PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
+               PYTHONPATH=str(REPO))
     cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp}", "--num-cpus=2",
            "--num-gpus=0", f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
