@@ -343,3 +343,50 @@ def test_broken_exif_does_not_break_the_image() -> None:
     data = _save(Image.fromarray(_rgb()), "JPEG", quality=90, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
     d = _decode(data)
     assert d.rgb.shape == (256, 256, 3) and d.orientation == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_pixels_read_in_place_equal_pillows_array_and_the_copying_path(mode: str) -> None:
+    """Decoded pixels come from Pillow's storage read in place (decode._storage_view): the same pixels as
+    ``np.asarray`` on the image, for a photo larger than Pillow's default 16 MiB block (which needed the block size
+    decode.py sets) and for a small one, and the same as the copying path taken where the view is refused."""
+    from pipeline.imaging import decode
+
+    rng = np.random.default_rng(7)
+    for w, h in ((2600, 1800), (97, 61)):  # 4.7 MP (18 MiB as Pillow's RGBX) and a few thousand pixels
+        rgb = cv2.resize(photos.astronaut(), (w, h), interpolation=cv2.INTER_LINEAR)
+        alpha = rng.integers(0, 256, (h, w), np.uint8)
+        im = Image.fromarray(rgb).convert(mode) if mode != "RGBA" else Image.fromarray(np.dstack([rgb, alpha]))
+        data = _save(im, "PNG")
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            assert decode._storage_view(opened) is not None  # read in place, not through the copying path
+            want = np.asarray(opened)
+        got = decode_image(data, max_pixels=LIMIT)
+        if mode == "L":
+            assert got.gray and np.array_equal(got.rgb, np.repeat(want[:, :, None], 3, axis=2))
+        else:
+            assert np.array_equal(got.rgb, want[:, :, :3]) and got.rgb.flags.c_contiguous and got.rgb.flags.writeable
+        if mode == "RGBA":
+            assert got.alpha is not None and np.array_equal(got.alpha, want[:, :, 3])
+        blocks = Image.core.get_block_size()
+        Image.core.set_block_size(1 << 24)  # Pillow's default: a large image spans blocks, the view is refused
+        try:
+            again = decode_image(data, max_pixels=LIMIT)
+        finally:
+            Image.core.set_block_size(blocks)
+        assert np.array_equal(again.rgb, got.rgb)
+        assert (again.alpha is None) == (got.alpha is None)
+        assert again.alpha is None or np.array_equal(again.alpha, got.alpha)
+
+
+def test_unchanged_pixels_are_found_band_by_band_as_array_equal_finds_them() -> None:
+    from pipeline.imaging.decode import _same_pixels
+
+    a = _rgb()
+    for y in (None, 0, 127, 255):  # unchanged, then one pixel changed in the first, a middle and the last row
+        b = a.copy()
+        if y is not None:
+            b[y, 200, 1] ^= 1
+        for chunk in (1, 3000, 2**20):  # a row per band (at least one), a few rows, the whole photo
+            assert _same_pixels(a, b, chunk) == np.array_equal(a, b) == (y is None)
