@@ -393,7 +393,7 @@ def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: 
     failure bounds are set here only; ``plan`` (:func:`cluster_memory`) bounds the write tasks at once."""
     # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size (128 MiB): a read
     # task's output (a group, or one shard of thousands of rows) would travel as ONE block. Cut back to rows_per_block.
-    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
+    ds = _repartition_in_the_task(ds, cfg.rows_per_block)
     # a call waits out its actor's restarts (see the module docstring); max_restarts bounds them
     actor_args: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": -1}
     log.info("pools: %s", pools.describe())
@@ -430,6 +430,31 @@ def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: 
         concurrency=plan.write_tasks,
         max_retries=MAX_RETRIES,
     )
+    return ds
+
+
+def _repartition_in_the_task(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """``ds.repartition(target_num_rows_per_block=rows)`` run inside the task before it (Ray Data fuses a
+    ``map_batches`` and a streaming repartition whose remote arguments agree), not as a task of its own.
+
+    Why: ray 2.60 gives the repartition's own tasks Ray's default of one CPU, and ``Dataset.repartition`` takes no
+    remote arguments. On a 2-CPU node whose stage actors hold 0.5 CPU each, a read task (0.25 CPU) held back by
+    back-pressure on its outputs left 0.75 CPU free, the repartition task waiting for its 1 CPU could never start,
+    and the reader it would have drained never finished: a 200-photo archive of 48 MP photos stood still with both
+    cores idle (Ray Data's log: the repartition "backpressured:tasks(ResourceBudget)", the read task holding 220 MiB
+    of output). At TASK_CPUS the repartition fuses into the task before it, so no stage waits for a CPU that the
+    stage it waits on holds, and each block is cut where it is made instead of travelling once more.
+
+    The argument goes on the logical operator (its ``ray_remote_args``, which the planner hands to the physical
+    one); ``tests/pipeline/test_build.py`` checks that the plan fuses, so an upgrade of Ray that changes this fails
+    there."""
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = ds._logical_plan.dag
+    if not isinstance(op, StreamingRepartition):  # pragma: no cover - a Ray whose repartition plans otherwise
+        raise RuntimeError(f"ray {ray.__version__}: repartition planned as {type(op).__name__}")
+    op.ray_remote_args.update(num_cpus=TASK_CPUS, max_retries=MAX_RETRIES)
     return ds
 
 

@@ -31,3 +31,29 @@ def test_a_tiny_budget_gives_the_same_bytes_as_a_large_one(tmp_path: Path) -> No
         assert (tmp_path / "tiny" / shard).read_bytes() == (tmp_path / "large" / shard).read_bytes(), shard
     report = json.loads((tmp_path / "tiny" / "_dr2" / "report" / "report.json").read_text())
     assert report["memory"]["block_pixels"] == 300_000
+
+
+def test_the_re_blocking_runs_inside_the_read_task_and_takes_no_cpu_of_its_own() -> None:
+    """The re-blocking after the reader fuses into the read task at TASK_CPUS (build._repartition_in_the_task): as a
+    task of its own it took Ray's default of one CPU, which a 2-CPU node whose actors hold half a CPU each and whose
+    reader holds a quarter could not give, and a 200-photo run stood still. Checked on the optimised plan (an
+    upgrade of Ray that stops the fusion fails here) and by the blocks it makes."""
+    import warnings
+
+    import ray
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    from pipeline.graph import build
+    from pipeline.graph.capacity import TASK_CPUS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # max_retries through ray_remote_args, as build does
+        read = ray.data.from_items([{"n": 10}, {"n": 7}], override_num_blocks=2).map_batches(
+            lambda b: {"i": list(range(int(b["n"][0])))}, batch_size=1, num_cpus=TASK_CPUS,
+            max_retries=build.MAX_RETRIES)
+    ds = build._repartition_in_the_task(read, 4)
+    physical = get_execution_plan(ds._logical_plan)[0].dag
+    assert physical.name.endswith("->StreamingRepartition[num_rows_per_block=4,strict=False]"), physical.name
+    assert physical.name.startswith("MapBatches(")
+    sizes = sorted(len(b["i"]) for b in ds.iter_batches(batch_size=None))
+    assert sum(sizes) == 17 and max(sizes) <= 4
