@@ -400,7 +400,8 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"{'GPU-hours':<26}{e['gpu_hours']:.3f} paid, {e['gpu_hours_restoring']:.3f} restoring")
     if e["cpus_for_restore_busy_0_9"] is not None:
         lines.append(f"{'CPUs to keep restorers 90% busy':<34}{e['cpus_for_restore_busy_0_9']:g}")
-    lines.append(f"{'recommended pools':<26}detect {_pool(rec['detect'])}, restore {_pool(rec['restore'])}")
+    lines.append(f"{'recommended pools':<26}detect {_pool(rec['detect'])}, restore {_pool(rec['restore'])}, "
+                 f"{rec['write_tasks']} write task(s) at once")
     lines.append(f"{'':<26}dr2 restore ... {rec['flags']}")
     if e["restorer"] == "simulate":
         lines.append("(simulate: a capacity tool; its outputs are faces passed through unchanged, not restorations)")

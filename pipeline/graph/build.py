@@ -501,7 +501,7 @@ def cluster_memory(cfg: PipelineConfig, pools: Pools) -> memory.MemoryPlan:
     node_bytes = memory.machine_memory() if local or not sizes else min(sizes)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     return memory.plan_memory(cfg, node_bytes=node_bytes, cpus=cpus, detect_actors=pools.detect.max_actors,
-                              nodes=max(1, len(nodes)))
+                              nodes=max(1, len(nodes)), actor_cores=pools.actor_cores())
 
 
 def _actor_pool(pool: StagePool, *, in_flight: int | None = None) -> ray.data.ActorPoolStrategy:

@@ -65,6 +65,13 @@ class StagePool:
     def fixed(self) -> bool:
         return self.min_actors == self.max_actors
 
+    @property
+    def cores(self) -> float:
+        """Cores the pool keeps busy at most: an actor working on the CPU takes a whole core whatever it reserves
+        (``--cpus-per-actor`` is a fraction so that reads and writes keep running); one feeding a GPU, what it
+        reserves."""
+        return self.max_actors * (self.cpus if self.gpus else max(1.0, self.cpus))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -76,6 +83,10 @@ class Pools:
 
     def to_dict(self) -> dict[str, Any]:
         return {"detect": self.detect.to_dict(), "restore": self.restore.to_dict()}
+
+    def actor_cores(self) -> float:
+        """Cores the stage actors keep busy at most (:attr:`StagePool.cores`); the write tasks get the rest."""
+        return self.detect.cores + self.restore.cores
 
     def describe(self) -> str:
         def one(name: str, p: StagePool) -> str:
@@ -117,6 +128,16 @@ def plan_pools(cfg: PipelineConfig, cluster: ClusterShape) -> Pools:
         restorer_cores = restorers * max(1.0, cfg.cpus_per_actor) if gpus_r == 0 else restorers * cfg.cpus_per_actor
         lo, hi = 1, max(1, int((cluster.cpus - restorer_cores) // 2))
     return Pools(detect=StagePool(lo, max(lo, hi), cfg.cpus_per_actor, gpus_d), restore=restore)
+
+
+def plan_write_tasks(cpus: float, actor_cores: float) -> int:
+    """Write tasks at once: one per core that the stage actors leave (:meth:`Pools.actor_cores`), at least one.
+
+    Compose (decode again, paste back, encode) is CPU work and each task holds a decoded photo. A task beyond the
+    free cores adds no throughput: it takes CPU from the detectors, which feed every later stage, and holds one more
+    photo. Measured on this 2-core machine (12 photos of 48 MP, passthrough, one detector): two write tasks 37.2 s
+    and 3.07 GiB at peak, one write task 33.3 s and 2.83 GiB (``benchmarks/bench_large_photos.py``)."""
+    return max(1, int(cpus - actor_cores + 1e-9))
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -166,7 +187,7 @@ class StageCosts:
 class Prediction:
     """Capacities (images/s) per stage, the bottleneck, and what follows from it."""
 
-    capacity: dict[str, float]  # detect, restore, cpu (all the CPU work of a photo on the cluster's cores)
+    capacity: dict[str, float]  # detect, restore, write, cpu (all the CPU work of a photo on the cluster's cores)
     bottleneck: str
     images_per_s: float
     restore_busy: float  # the restorers' predicted busy fraction, steady state
@@ -199,6 +220,7 @@ def predict(costs: StageCosts, pools: Pools, cluster: ClusterShape) -> Predictio
 
     * detect: the pool's largest size, each actor one image per ``detect_actor_s``;
     * restore: the restorers' actors, each a face per ``restore_s_per_face``;
+    * write: the write tasks at once (:func:`plan_write_tasks`), each an image per ``compose_s + write_s``;
     * cpu: the cluster's cores (times :data:`CPU_EFFICIENCY`) over all the CPU time of an image, since on a real
       node the stages share the cores.
     """
@@ -210,7 +232,9 @@ def predict(costs: StageCosts, pools: Pools, cluster: ClusterShape) -> Predictio
     restore = pools.restore.max_actors / per_image_restore if per_image_restore > 0 else inf
     cpu_s = cpu_seconds_per_image(costs, detect_on_gpu=detect_on_gpu)
     cpu = cluster.cpus * CPU_EFFICIENCY / cpu_s if cpu_s > 0 else inf
-    capacity = {"detect": detect, "restore": restore, "cpu": cpu}
+    compose_s = costs.compose_s + costs.write_s
+    write = plan_write_tasks(cluster.cpus, pools.actor_cores()) / compose_s if compose_s > 0 else inf
+    capacity = {"detect": detect, "restore": restore, "write": write, "cpu": cpu}
     bottleneck = min(capacity, key=lambda k: capacity[k])
     rate = capacity[bottleneck]
     finite = rate != inf
@@ -240,7 +264,9 @@ def recommend(cfg: PipelineConfig, costs: StageCosts, cluster: ClusterShape) -> 
         cores = max(1, int(cluster.cpus * CPU_EFFICIENCY))
         detectors = max(1, min(want, cores))
     d, r = pools.detect, pools.restore
-    out = Pools(detect=StagePool(detectors, detectors, d.cpus, d.gpus), restore=r).to_dict()
+    chosen = Pools(detect=StagePool(detectors, detectors, d.cpus, d.gpus), restore=r)
+    out = chosen.to_dict()
+    out["write_tasks"] = plan_write_tasks(cluster.cpus, chosen.actor_cores())  # what the run derives from them
     out["flags"] = (f"--detect-actors {detectors} --gpus-per-detector {d.gpus:g} --restore-actors {r.max_actors} "
                     f"--gpus-per-restorer {r.gpus:g}")
     return out

@@ -16,14 +16,16 @@ What a run holds, per node:
   block's pixel budget, the paste-back one image at a time.
 
 :func:`plan_memory` gives every decoding slot (the detector pool's largest size plus the write tasks, which it
-limits to one per CPU) an equal share of what the object store leaves, and sizes blocks so that a block's decoded
-pixels fit that share: ``block_pixels = (budget - store) / slots / PEAK_BYTES_PER_PIXEL``. A photo larger than
-that travels alone in its block (its worker goes over its share for that photo); one over ``--max-pixels`` is
+limits to one per core the stage actors leave: :func:`pipeline.graph.capacity.plan_write_tasks`) its own baseline
+(``WORKER_BASELINE_BYTES``: the interpreter, torch, the model) and an equal share of what the object store and the
+baselines leave, and sizes blocks so that a block's decoded pixels fit that share:
+``block_pixels = (budget - store - slots * WORKER_BASELINE_BYTES) / slots / PEAK_BYTES_PER_PIXEL``. A photo larger
+than that travels alone in its block (its worker goes over its share for that photo); one over ``--max-pixels`` is
 never decoded and costs nothing.
 
-The budget defaults to ``NODE_SHARE`` of the node's memory (the smallest node's, on a cluster), since Ray's own
-processes, the models and the Python interpreters of every worker come on top of it (about 2 GB on a 2-core node: the
-driver, the raylet, a detector and a restorer actor, write workers with torch imported for the quality measures);
+The budget defaults to ``NODE_SHARE`` of the node's memory (the smallest node's, on a cluster). What comes on top of
+it: Ray's own processes (the raylet, the GCS, a few small actors of Ray Data's and ours, about 0.5 GB), the driver
+(0.3 GB) and a restorer actor (its model, on the GPU for the most part in production).
 ``--memory-budget-mb`` sets it, ``--block-megapixels`` sets the block size directly. None of these change an output
 byte.
 
@@ -42,6 +44,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.graph.capacity import plan_write_tasks
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
@@ -51,6 +55,10 @@ OBJECT_STORE_SHARE = 0.25  # of the budget, for a local Ray's object store
 MIN_OBJECT_STORE = 256 * MiB  # a store smaller than this spills blocks of ordinary photos to disk
 PEAK_BYTES_PER_PIXEL = 12  # what a decoding worker holds per decoded pixel at its peak (measured ~9; see above)
 MIN_BLOCK_PIXELS = 1_000_000  # below this, per-block costs (a Ray call, a staged part) outweigh the work
+# a decoding worker's own memory before any photo (the interpreter, torch, OpenCV, pyarrow, Ray's core worker, the
+# detector's model): measured 0.34-0.45 GiB PSS in a run (a write worker, the detector). Counted in the budget, once
+# per decoding slot, so that what the workers hold in all stays within it.
+WORKER_BASELINE_BYTES = 512 * MiB
 # Ray Data merges what a task yields into blocks of up to its target_max_block_size (128 MiB by default): a read task
 # over a shard of camera JPEGs yields 128 MiB blocks (27 photos of 48 MP) into an object store of a few hundred MiB,
 # which then spills, and the executor's back-pressure acts a whole such block late. A run's blocks are held to
@@ -64,8 +72,11 @@ MAX_RAY_BLOCK = 128 * MiB
 # core): each heap keeps its own freed memory, and Ray's, torch's and OpenCV's threads each allocate. Allocations of
 # 4 MiB and more (Pillow's 16 MiB decode blocks, whole photos, pyramids) get their own mapping, returned to the
 # system when freed, instead of glibc's default threshold that rises to 32 MiB after the first large free and then
-# leaves such blocks in a heap. A value already in the environment wins.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 * MiB)}
+# leaves such blocks in a heap. Arrow's buffers (the blocks' tables, a write task's parts) go through the same malloc
+# instead of pyarrow's default mimalloc, which keeps freed segments for reuse: a worker that had run write tasks
+# on 48 MP photos then sat idle holding 0.85 GiB (a 200-photo run; 24 photos: 3.12 GiB at peak with mimalloc, 2.85
+# with the system pool). A value already in the environment wins.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 * MiB), "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 @dataclass(frozen=True)
@@ -113,17 +124,18 @@ def object_store_bytes(cfg: PipelineConfig, node_bytes: int) -> int:
 
 
 def plan_memory(cfg: PipelineConfig, *, node_bytes: int, cpus: float, detect_actors: int,
-                nodes: int = 1) -> MemoryPlan:
+                nodes: int = 1, actor_cores: float = 0.0) -> MemoryPlan:
     """The plan of a run whose smallest node has ``node_bytes`` of memory, on a cluster of ``cpus`` CPUs over
-    ``nodes`` nodes with at most ``detect_actors`` detector actors (see the module docstring)."""
+    ``nodes`` nodes with at most ``detect_actors`` detector actors, whose stage actors keep ``actor_cores`` cores
+    busy at most (see the module docstring and :func:`pipeline.graph.capacity.plan_write_tasks`)."""
     budget = budget_bytes(cfg, node_bytes)
     store = object_store_bytes(cfg, node_bytes)
-    write_tasks = max(1, int(cpus))  # compose is CPU work: a second task per core only doubles the pixels held
+    write_tasks = plan_write_tasks(cpus, actor_cores)
     slots_per_node = max(1.0, (detect_actors + write_tasks) / max(1, nodes))
     if cfg.block_megapixels is not None:
         block_pixels = int(cfg.block_megapixels * 1e6)
     else:
-        share = max(0, budget - store) / slots_per_node
+        share = max(0.0, budget - store - slots_per_node * WORKER_BASELINE_BYTES) / slots_per_node
         block_pixels = max(MIN_BLOCK_PIXELS, int(share // PEAK_BYTES_PER_PIXEL))
     ray_block = min(MAX_RAY_BLOCK, max(MIN_RAY_BLOCK, int(store * STORE_BLOCKS_SHARE)))
     return MemoryPlan(budget_bytes=budget, object_store_bytes=store, write_tasks=write_tasks, block_pixels=block_pixels,

@@ -119,5 +119,5 @@ def test_a_gpu_faster_than_the_cpu_side_waits_and_the_model_names_the_cpu_stage(
     r = capacity_run(tmp_path, "--cpus", "2", "--gpus", "1", "--faces-per-s", "2000", "--detect-actors", "1")
     pred, busy = r["predicted"], r["busy"]
     assert isinstance(pred, dict) and isinstance(busy, dict), r
-    assert pred["bottleneck"] in ("detect", "cpu") and pred["busy"]["restore"] < 0.2, pred
+    assert pred["bottleneck"] in ("detect", "write", "cpu") and pred["busy"]["restore"] < 0.2, pred
     assert r["faces"] == 24 and busy["restore"]["fraction"] < 0.3, busy

@@ -17,6 +17,9 @@ def test_cpu_only_cluster_one_restorer_and_detectors_from_the_cores_left() -> No
     pools = plan_pools(cfg(), ClusterShape(cpus=16))
     assert pools.restore == StagePool(1, 1, 0.5, 0.0)
     assert (pools.detect.min_actors, pools.detect.max_actors, pools.detect.gpus) == (1, 7, 0.0)  # (16 - 1) // 2
+    # CPU actors work a whole core each, whatever they reserve: the write tasks get the other 8 (memory.plan_memory)
+    assert pools.actor_cores() == 8.0
+    assert plan_pools(cfg(), ClusterShape(cpus=2)).actor_cores() == 2.0
 
 
 def test_gpu_cluster_detects_on_the_gpus_beside_one_restorer_each() -> None:
@@ -25,6 +28,7 @@ def test_gpu_cluster_detects_on_the_gpus_beside_one_restorer_each() -> None:
     assert pools.detect == StagePool(4, 8, 0.5, 0.1)  # autoscaling, up to two per GPU at 0.1
     assert 4 * 0.8 + 8 * 0.1 <= 4 + 1e-9  # everything fits on the GPUs
     assert "detect 4-8 actor(s) x 0.1 GPU" in pools.describe()
+    assert pools.actor_cores() == 4 * 0.5 + 8 * 0.5  # actors that feed GPUs hold what they reserve
 
 
 def test_explicit_options_win() -> None:
@@ -49,9 +53,13 @@ def test_model_names_the_cpu_side_when_the_gpus_outrun_it() -> None:
     need = cpus_needed(COSTS, pools)
     assert need == pytest.approx(34 * 0.505 / 0.85)
     big = ClusterShape(cpus=need * 1.01, gpus=1)
-    pools_big = plan_pools(cfg(gpus_per_detector=0.0, detect_actors=40), big)
+    # the detectors that keep up (34 images/s x 0.41 s: 14), and the write tasks get the 5 cores they leave
+    pools_big = plan_pools(cfg(gpus_per_detector=0.0, detect_actors=14), big)
     assert predict(COSTS, pools_big, big).bottleneck == "restore"
     assert predict(COSTS, pools_big, big).restore_busy == pytest.approx(1.0)
+    # 40 detectors on 20 cores leave the write tasks one core: 1 / 0.09 s = 11 images/s, and the model says so
+    crowded = predict(COSTS, plan_pools(cfg(gpus_per_detector=0.0, detect_actors=40), big), big)
+    assert crowded.bottleneck == "write" and crowded.images_per_s == pytest.approx(1 / 0.09)
 
 
 def test_recommend_sizes_detectors_to_keep_up() -> None:
@@ -60,3 +68,4 @@ def test_recommend_sizes_detectors_to_keep_up() -> None:
     # two restorers at 34 faces/s, one face per image: 68 images/s x 0.41 s per image in a detector actor
     assert rec["detect"]["max_actors"] == 28 and rec["restore"]["max_actors"] == 2
     assert "--detect-actors 28" in rec["flags"]
+    assert rec["write_tasks"] == 64 - 28 - 2 * 0.5  # the cores the detectors and the restorers' hosts leave

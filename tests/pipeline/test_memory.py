@@ -161,13 +161,15 @@ def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> No
     plan = memory.plan_memory(PipelineConfig(), node_bytes=24 * gib, cpus=2, detect_actors=1)
     assert plan.budget_bytes == 3 * gib  # an eighth of the node
     assert plan.object_store_bytes == 768 * memory.MiB and plan.write_tasks == 2
-    # three decoding slots (one detector, two write tasks) share what the store leaves, at 12 bytes per pixel
-    assert plan.block_pixels == int(2.25 * gib / 3 // memory.PEAK_BYTES_PER_PIXEL)
-    assert 48_000_000 < plan.block_pixels < 2 * 48_000_000  # one 48 MP photo per block on a 24 GiB node
+    # three decoding slots (one detector, two write tasks) share what the store and their baselines leave, at 12
+    # bytes per pixel
+    assert plan.block_pixels == int((2.25 * gib - 3 * memory.WORKER_BASELINE_BYTES) / 3 // memory.PEAK_BYTES_PER_PIXEL)
     assert plan.ray_block_bytes == 24 * memory.MiB  # Ray merges at most 1/32 of the store into a block
-    small = memory.plan_memory(PipelineConfig(memory_budget_mb=512), node_bytes=24 * gib, cpus=16, detect_actors=7)
+    small = memory.plan_memory(PipelineConfig(memory_budget_mb=512), node_bytes=24 * gib, cpus=16, detect_actors=7,
+                               actor_cores=8)
     assert small.budget_bytes == 512 * memory.MiB and small.object_store_bytes == memory.MIN_OBJECT_STORE
-    assert small.write_tasks == 16 and small.block_pixels == memory.MIN_BLOCK_PIXELS  # a 48 MP photo goes alone
+    # 7 detectors and 8 write tasks: their baselines take more than the store leaves, blocks are the smallest
+    assert small.write_tasks == 8 and small.block_pixels == memory.MIN_BLOCK_PIXELS  # a 48 MP photo goes alone
     assert small.ray_block_bytes == memory.MIN_RAY_BLOCK
     assert memory.plan_memory(PipelineConfig(), node_bytes=2**40, cpus=64, detect_actors=8).ray_block_bytes == (
         memory.MAX_RAY_BLOCK)  # Ray's own default on a large node
@@ -175,6 +177,10 @@ def test_plan_splits_the_budget_between_the_store_and_the_decoding_slots() -> No
                                   cpus=4, detect_actors=2, nodes=2)
     assert explicit.block_pixels == 2_500_000 and explicit.object_store_bytes == gib
     assert PipelineConfig(block_megapixels=2.5).block_pixels == 2_500_000
+    # the write tasks take the cores the stage actors leave, at least one
+    on_two = memory.plan_memory(PipelineConfig(), node_bytes=24 * gib, cpus=2, detect_actors=1, actor_cores=2)
+    assert on_two.write_tasks == 1 and on_two.block_pixels == int(1.25 * gib / 2 // memory.PEAK_BYTES_PER_PIXEL)
+    assert 48_000_000 < on_two.block_pixels < 2 * 48_000_000  # one 48 MP photo per block on this 24 GiB machine
     assert PipelineConfig().block_pixels == PipelineConfig().max_pixels  # unresolved: one photo at the limit
     with pytest.raises(ValueError, match="memory-budget-mb"):
         PipelineConfig(memory_budget_mb=0)
