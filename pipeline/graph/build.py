@@ -446,7 +446,7 @@ def _repartition_in_the_task(ds: ray.data.Dataset, rows: int) -> ray.data.Datase
     stage it waits on holds, and each block is cut where it is made instead of travelling once more.
 
     The argument goes on the logical operator (its ``ray_remote_args``, which the planner hands to the physical
-    one); ``tests/pipeline/test_build.py`` checks that the plan fuses, so an upgrade of Ray that changes this fails
+    one); ``tests/jobs/test_memory_budget.py`` checks that the plan fuses, so an upgrade of Ray that changes this fails
     there."""
     from ray.data._internal.logical.operators.map_operator import StreamingRepartition
 

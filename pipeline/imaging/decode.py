@@ -330,7 +330,7 @@ def _to_rgb(im: Image.Image, icc: bytes | None) -> tuple[np.ndarray, np.ndarray 
 def _storage_view(im: Image.Image) -> np.ndarray | None:
     """A zero-copy view of a loaded ``L``, ``RGB`` or ``RGBA`` image's pixels, through Pillow's Arrow export: (H, W)
     for ``L``, (H, W, 4) for the others (Pillow stores ``RGB`` as RGBX). None for other modes, or where Pillow's
-    storage is not one block (Arrow export needs contiguous rows; see the block size set below).
+    storage is not one block (Arrow export needs contiguous rows: hence ``PILLOW_BLOCK_BYTES``).
 
     Why: ``np.asarray(im)`` goes through ``im.tobytes()``, which packs every row into a list of buffers, joins them
     into one ``bytes`` and then needs a copy to be writable: three passes over the photo and two fresh buffers of its
