@@ -165,9 +165,11 @@ def init_ray(cfg: PipelineConfig) -> None:
             # 6-shard tiny-restorer run committed 0 of 6 units in 300 s at nice 15 and finished in 85 s at nice 0
             # (40 s idle). The same way in, and a value already in the environment wins.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster
-            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=store,
-                     include_dashboard=False, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
+            # address="local": a new local Ray, never a stale one named by /tmp/ray/ray_current_cluster. Its
+            # processes start deaf to SIGTERM (the CLI's stop is the driver's to carry out: stopping.py)
+            with stopping.children_shielded():
+                ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=store,
+                         include_dashboard=False, log_to_driver=cfg.ray_logs, logging_level=logging.INFO)
     finally:
         if hint is not None:
             hint.cancel()

@@ -14,8 +14,8 @@ pipeline (``dr2 restore``, ``dr2 nightly``), installed by the CLI with :func:`ha
   its marker comes last; a rerun redoes what has no marker.
 * However it stops, the process ends through :func:`end_process` or the hard exit: the registered teardowns (the
   local Ray's processes killed, pipeline/graph/build.py) and ``os._exit`` with the status, never the interpreter's
-  exit, where Ray's shutdown could turn 143 into 1 (its core worker exits 1 when it finds its raylet gone, as it is
-  when the whole process group got the signal).
+  exit, where Ray's shutdown could turn 143 into 1 (its core worker exits 1 when it finds its raylet gone: a raylet
+  that a SIGKILL or an OOM kill took).
 
 The watchdog hears signals through :func:`signal.set_wakeup_fd` (Python's C-level handler writes each signal's
 number to a pipe as it arrives), so the grace period and the second signal work even while the main thread is stuck
@@ -25,9 +25,11 @@ Ray: ``ray.init`` installs its own SIGTERM handlers in the driver (Ray 2.60): a 
 core worker's native failure-signal handler (absl's), which prints ``*** SIGTERM received ...`` and the stack to
 descriptor 2 and aborts the process (exit status -6) within about 3 s. :func:`reinstall`, which
 :func:`pipeline.graph.build.init_ray` calls right after ``ray.init``, puts ours back in their place (``signal.signal``
-sets the process's handler, replacing the native one). Ray's own processes (raylet, GCS, workers) get the signal too
-when a scheduler signals the whole process group; they write to descriptor 2, which the driver diverted to a log
-file before starting them (:mod:`pipeline.runner.console`), and the driver's commits need none of them.
+sets the process's handler, replacing the native one). The local Ray's own processes (raylet, GCS, agents, workers)
+start with SIGTERM blocked (:func:`children_shielded`), as Ray starts them with SIGINT blocked: a scheduler that
+signals the whole process group, or every process of the job, stops the driver, and the driver stops them once its
+commits are done. What they write to descriptor 2 goes to a log file the driver diverted it to before starting them
+(:mod:`pipeline.runner.console`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,35 @@ def _apply(st: _Stop) -> None:
     signal.set_wakeup_fd(st.wake_w, warn_on_full_buffer=False)
 
 
+@contextlib.contextmanager
+def children_shielded() -> Iterator[None]:
+    """The processes started inside (a local Ray: ``ray.init`` starts its raylet, GCS and agents from this thread,
+    and the raylet starts the workers) begin with SIGTERM blocked, as Ray itself starts them with SIGINT blocked: a
+    stop is the driver's to carry out. Where a scheduler signals the whole process group (a shell's job control,
+    the tests) or every process of the job (systemd's stop, Slurm's scancel), the raylet no longer dies with its
+    object store while the driver finishes the commits under way, which it touches from its own threads (Ray Data's
+    executor, ``ray.get``): its core worker then ended the process with status 1 in the middle of a commit ("The
+    connection to the plasma store is failed. Terminate the process"; 1 run in 4 of
+    tests/jobs/test_stop.py's SIGTERM to the group, before this). Ray's processes end with the CLI's own teardown
+    (SIGKILL, pipeline/graph/build.py) or with this process (the kernel's fate sharing), never by SIGTERM.
+
+    The mask is a thread's, and children inherit it from the thread that forks them: this thread blocks SIGTERM
+    while inside, and on the way out our handlers go back where the library replaced them (:func:`reinstall`)
+    before the mask is restored, so that a SIGTERM that came meanwhile, pending until then, reaches ours. Only
+    inside :func:`handling` (the CLI) and on the main thread: a program using the Python API keeps Ray's own
+    behaviour (``ray.shutdown`` stops the raylet with SIGTERM)."""
+    st = _stop
+    if st is None or not st.active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        reinstall()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def requested() -> int | None:
     """The signal that asked this process to stop, or None: code that cleans up for a next run in the same process
     (a nightly wave, a notebook) skips what the process's exit does anyway, so that the commits come first."""
@@ -193,10 +224,10 @@ def end_process(code: int) -> None:
     Why, for a stopped run: its status was Ray's to decide. Once in CI a ``dr2 restore`` whose process group got
     SIGTERM printed its line and then exited 1, not 143, in Ray's shutdown at exit: the driver's core worker exits
     1 when it finds its raylet's object store gone (its log: "The connection to the plasma store is failed.
-    Terminate the process"; the raylet got the group's SIGTERM too). That shutdown also waited 5 s on its task
-    events' flush to a GCS already gone ("TaskEventBuffer shutdown timed out"). For a run that ended by itself: Ray's
-    shutdown at exit took about 2.8 s of every ``dr2 restore`` (its last line to its exit, 2 runs here); the
-    teardown takes a few milliseconds."""
+    Terminate the process"; the raylet got the group's SIGTERM too, before :func:`children_shielded`). That shutdown
+    also waited 5 s on its task events' flush to a GCS already gone ("TaskEventBuffer shutdown timed out"). For a
+    run that ended by itself: Ray's shutdown at exit took about 2.8 s of every ``dr2 restore`` (its last line to its
+    exit, 2 runs here); the teardown takes a few milliseconds."""
     st = _stop
     stopped = st is not None and st.signum is not None
     with _registry_lock:

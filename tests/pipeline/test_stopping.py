@@ -71,3 +71,42 @@ def test_the_handler_raises_even_when_the_watchdog_recorded_the_signal_first() -
     proc = subprocess.run([sys.executable, "-c", RACE], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.splitlines() == ["raised Interrupted 15 after the watchdog recorded it"], proc
+
+
+SHIELD = """
+import os, signal, subprocess, sys, time
+from pipeline.runner import stopping
+
+CHILD = "print(int([l for l in open('/proc/self/status') if l.startswith('SigBlk')][0].split()[1], 16) >> 14 & 1)"
+
+def child_blocks_sigterm():
+    return subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout.strip()
+
+with stopping.children_shielded():  # outside handling(): a program of its own keeps Ray's behaviour
+    print("outside", child_blocks_sigterm(), flush=True)
+with stopping.handling("restore", grace_s=60):
+    try:
+        with stopping.children_shielded():
+            print("inside", child_blocks_sigterm(), flush=True)
+            signal.signal(signal.SIGTERM, lambda *a: print("the library's handler", flush=True))  # as ray.init does
+        print("ours again", signal.getsignal(signal.SIGTERM) is stopping._on_signal, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("still here", flush=True)
+    except KeyboardInterrupt as e:
+        print("raised", type(e).__name__, e.signum, flush=True)
+        print("after", child_blocks_sigterm(), flush=True)
+        os._exit(0)
+print("not raised", flush=True)
+os._exit(0)
+"""
+
+
+def test_children_started_by_the_cli_are_deaf_to_sigterm_and_a_sigterm_meanwhile_reaches_our_handler() -> None:
+    """What a local Ray's processes start with inside the CLI (stopping.children_shielded): SIGTERM blocked, so a
+    signal to the whole group leaves the raylet to the driver's teardown; outside the CLI, nothing changes. On the way
+    out our handler is back where a library replaced it, and the driver's own SIGTERM is raised as ours."""
+    proc = subprocess.run([sys.executable, "-c", SHIELD], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["outside 0", "inside 1", "ours again True", "raised Interrupted 15",
+                                      "after 0"], proc
