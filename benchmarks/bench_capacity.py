@@ -6,7 +6,8 @@ model predicted, at several GPU speeds (faces/s) for one CPU side.
 Each rate is one ``run_restore`` with ``--restorer simulate`` on a simulated Ray cluster (tests/jobs/capacity_run.py:
 a head with ``--cpus`` CPUs, a node per fake GPU) over small one-face photos. Printed per rate: the model's
 bottleneck, predicted restorer busy fraction and the CPUs it says the restorers need, and the measured busy
-fractions (whole run from each actor's ready time, and steady: first block to last). Not a test.
+fractions (whole run from each actor's ready time, and steady: first block to last) with the actors' waits between
+blocks (how the time not busy was spent: many short waits, or a few long ones). Not a test.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.jobs.test_gpu_scheduling import face_archive  # noqa: E402
+
+
+def waits(stage: dict[str, Any]) -> str:
+    """A stage's waits between blocks (pipeline.graph.build.busy_table): count, median and 90th percentile."""
+    w = stage.get("waits") or {}
+    return f"{w['count']}, {w['median_ms']:.0f} ms, {w['p90_ms']:.0f} ms" if w.get("count") else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} cores here; simulated cluster: head {args.cpus} CPUs + {args.gpus} fake GPU node(s); "
           f"{args.shards * args.images} one-face photos; load {os.getloadavg()[0]:.2f}\n")
     print("| GPU faces/s | model bottleneck | model restore busy | CPUs needed (90%) | measured restore busy (whole / "
-          "steady) | detect busy | wall |")
-    print("|---|---|---|---|---|---|---|")
+          "steady) | restore waits: n, median, p90 | detect busy | detect waits: n, median, p90 | wall |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rate in args.rates.split(","):
         out = subprocess.run([sys.executable, "-m", "tests.jobs.capacity_run", src, str(tmp / f"out-{rate}"),
                               "--cpus", args.cpus, "--gpus", args.gpus, "--faces-per-s", rate],
@@ -52,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         pr, b = r["predicted"], r["busy"]
         rb, db = b.get("restore", {}), b.get("detect", {})
         print(f"| {rate} | {pr['bottleneck']} | {pr['busy']['restore']:.2f} | {pr['cpus_for_restore_busy_0_9']} | "
-              f"{rb.get('fraction', 0):.2f} / {rb.get('steady_fraction', 0):.2f} | {db.get('fraction', 0):.2f} | "
-              f"{r['wall_s']:.1f} s |", flush=True)
+              f"{rb.get('fraction', 0):.2f} / {rb.get('steady_fraction', 0):.2f} | {waits(rb)} | "
+              f"{db.get('fraction', 0):.2f} | {waits(db)} | {r['wall_s']:.1f} s |", flush=True)
     return 0
 
 

@@ -119,8 +119,11 @@ class RunSummary:
         for stage in ("restore", "detect"):
             b = self.busy.get(stage)
             if b:
+                w = b.get("waits") or {}
+                waits = (f"; {w['count']} waits between blocks, median {w['median_ms']:.0f} ms"
+                         if w.get("count") and "median_ms" in w else "")
                 lines.append(f"{stage + ' busy':<24}{b['fraction']:.0%} of {b['wall_s']:.1f} actor-s "
-                             f"({b['actors']} actor(s); the rest waiting for input)")
+                             f"({b['actors']} actor(s); the rest waiting for input{waits})")
         if self.simulated:
             lines.append(f"{'SIMULATED':<24}{self.simulated}")
         if self.suspect:

@@ -354,19 +354,24 @@ def _busy(busy: Mapping[str, Any], pools: Mapping[str, Any]) -> str:
         frac = float(b.get("fraction", 0.0) or 0.0)
         pool = pools.get(stage) if isinstance(pools.get(stage), Mapping) else {}
         where = f'{pool.get("gpus")} GPU' if pool and pool.get("gpus") else (f'{pool.get("cpus")} CPU' if pool else "")
+        w = b.get("waits") if isinstance(b.get("waits"), Mapping) else {}
+        waits = (f'{_num(w.get("count"), 0)} (median {_num(w.get("median_ms"), 0)} ms, '
+                 f'90% {_num(w.get("p90_ms"), 0)} ms)' if w and w.get("count") else "")
         rows.append(
             f'<tr><td>{_e(stage)}</td><td class="r">{_num(b.get("actors"), 0)}</td><td>{_e(where)}</td>'
             f'<td class="r" data-busy="{_e(stage)}">{100 * frac:.0f}%</td>'
             f'<td class="r">{_num(b.get("busy_s"))} s</td><td class="r">{_num(b.get("wall_s"))} s</td>'
-            f'{_bar_cell(frac)}</tr>')
+            f'<td class="r">{_e(waits)}</td>{_bar_cell(frac)}</tr>')
     if not rows:
         return '<p class="muted">no actor busy figures recorded</p>'
     head = ('<tr><th>stage</th><th class="r">actors</th><th>each</th><th class="r">busy</th><th class="r">working</th>'
-            '<th class="r">actor wall</th><th></th></tr>')
+            '<th class="r">actor wall</th><th class="r">waits between blocks</th><th></th></tr>')
     return (f'<div class="scroll"><table class="stages">{head}{"".join(rows)}</table></div>'
             '<p class="muted">busy = time working / time alive (from model loaded to the end of the run), summed over '
             'the stage\'s actors; the rest is waiting for input. A restorer far below 100% means the CPU side '
-            '(reading, decoding, detection, writing) does not keep the GPUs fed: see <code>dr2 estimate</code>.</p>')
+            '(reading, decoding, detection, writing) does not keep the GPUs fed: see <code>dr2 estimate</code>. '
+            'Waits between blocks: many short ones are the cost of handing each block over (larger blocks help); '
+            'long ones, an actor starved of input.</p>')
 
 
 def _units(units: Mapping[str, Any]) -> str:

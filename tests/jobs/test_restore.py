@@ -237,6 +237,10 @@ def test_busy_fractions_in_markers_summary_and_report(first_run) -> None:
         assert b["actors"] == 1 and 0 < b["busy_s"] <= b["wall_s"] and 0 < b["fraction"] <= 1, b
         assert abs(b["fraction"] - b["busy_s"] / b["wall_s"]) < 1e-3
         assert b["steady_s"] <= b["wall_s"] and b["steady_fraction"] >= b["fraction"] - 1e-3
+        w = b.get("waits")
+        if w:  # an actor that had more than one block: its waits fit in the steady time it was not busy
+            assert w["count"] >= 1 and 0 <= w["total_s"] <= b["steady_s"] - b["busy_s"] + 0.01, b
+            assert 0 <= w["median_ms"] <= w["p90_ms"], b
     assert "restore busy" in summary.table() and "detect busy" in summary.table()
     markers = [json.loads(p.read_text()) for p in sorted(dst.glob("*.stats.json"))]
     assert all(set(m["busy"]) <= {"detect", "restore"} for m in markers)
@@ -245,6 +249,7 @@ def test_busy_fractions_in_markers_summary_and_report(first_run) -> None:
     assert report["busy"] == summary.busy and report["pools"]["restore"]["max_actors"] == 1
     html = (dst / "_dr2" / "report" / "index.html").read_text()
     assert 'data-busy="restore"' in html and 'data-busy="detect"' in html and "Stage utilisation" in html
+    assert "waits between blocks" in html
 
 
 def test_simulated_restorer_says_so_everywhere(archive, tmp_path) -> None:

@@ -28,6 +28,33 @@ def test_busy_table_sums_a_stages_actors_and_leaves_out_fill_and_drain() -> None
     assert build.busy_table({}, {}, now=1.0) == {}
 
 
+def test_busy_table_says_how_the_time_between_blocks_was_spent() -> None:
+    """An actor's waits between blocks: many short ones (handing blocks over) and a starved one show in the median
+    and the 90th percentile; the count and seconds are of all waits, the quantiles of those kept."""
+    ready = {("restore", "a"): 0.0, ("restore", "b"): 0.0, ("detect", "d"): 0.0}
+    working = {("restore", "a"): [0.0, 10.0], ("restore", "b"): [0.0, 10.0], ("detect", "d"): [0.0, 10.0]}
+    waits = {("restore", "a"): (12, 2.0, [0.01] * 8 + [1.0]), ("restore", "b"): (1, 0.02, [0.02]),
+             ("gone", "x"): (3, 1.0, [0.3])}  # a stage no actor was ready in: left out
+    table = build.busy_table(ready, {("restore", "a"): 8.0}, now=10.0, working=working, waits=waits)
+    assert table["restore"]["waits"] == {"count": 13, "total_s": 2.02, "median_ms": 10.0, "p90_ms": 1000.0}
+    assert "waits" not in table["detect"] and "gone" not in table
+
+
+def test_the_flight_log_counts_an_actors_waits_between_its_blocks() -> None:
+    """FlightLog's own bookkeeping (its class body, without Ray): no wait before an actor's first block; the time
+    from a block's end to the next block's start afterwards."""
+    log = build.FlightLog.__ray_actor_class__()  # the class as written, not the actor handle
+    log.ready("restore", "a")
+    log.start("restore", "b1", "a")
+    log.finish("restore", "b1", "a", busy_s=0.1)
+    assert log.waited["restore", "a"] == 0
+    log.start("restore", "b2", "a")
+    log.finish("restore", "b2", "a", busy_s=0.1)
+    log.start("restore", "b3", "a")
+    assert log.waited["restore", "a"] == 2 and len(log.waits["restore", "a"]) == 2
+    assert log.busy()["restore"]["waits"]["count"] == 2
+
+
 def test_block_label_names_each_units_rows_and_skips_end_rows() -> None:
     table = pa.table({S.UNIT: ["a.tar", "a.tar", "b.tar", "a.tar", "b.tar"], S.INDEX: [3, 7, 0, 5, -1]})
     assert build.block_label(table) == "a.tar rows 3-7, b.tar rows 0-0"
