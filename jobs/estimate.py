@@ -328,7 +328,7 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
     plan = max(list_s, PLAN_S_PER_UNIT * n_units)
     wall = plan + startup + fill + steady
     faces = images * fpi
-    need = cpus_needed(costs, pools, target_busy=0.9)
+    need = cpus_needed(cfg, costs, shape.gpus, target=0.9)
     return {
         "src": cfg.src,
         "restorer": cfg.restorer.value,
@@ -352,7 +352,7 @@ def estimate(cfg: PipelineConfig, *, cluster: ClusterShape | None = None, gpu_ty
                              "steady": round(steady, 2)},
         "gpu_hours": round(wall * shape.gpus / 3600, 6),
         "gpu_hours_restoring": round(faces * per_face / 3600, 6) if shape.gpus else 0.0,
-        "cpus_for_restore_busy_0_9": None if math.isinf(need) else round(need, 1),
+        "cpus_for_restore_busy_0_9": None if math.isinf(need) else math.ceil(need * 10 - 1e-6) / 10,  # enough
         "pools": pools.to_dict(),
         "recommended": recommend(cfg, costs, shape),
         "measured": sampled,  # dropped by to_json
@@ -399,7 +399,7 @@ def format_estimate(e: dict[str, Any]) -> str:
     if cl["gpus"]:
         lines.append(f"{'GPU-hours':<26}{e['gpu_hours']:.3f} paid, {e['gpu_hours_restoring']:.3f} restoring")
     if e["cpus_for_restore_busy_0_9"] is not None:
-        lines.append(f"{'CPUs to keep restorers 90% busy':<34}{e['cpus_for_restore_busy_0_9']:g}")
+        lines.append(f"{'CPUs for restorers at 90%':<34}{e['cpus_for_restore_busy_0_9']:g}")
     lines.append(f"{'recommended pools':<26}detect {_pool(rec['detect'])}, restore {_pool(rec['restore'])}, "
                  f"{rec['write_tasks']} write task(s) at once")
     lines.append(f"{'':<26}dr2 restore ... {rec['flags']}")

@@ -20,7 +20,8 @@ Two pure pieces (no Ray, no torch), so that ``pipeline/graph/build.py`` (which a
 2. **The capacity model** (:func:`predict`): per-image stage costs (measured: ``dr2 estimate`` runs the CPU
    stages on sampled units) and the restorer's seconds per face give each stage's capacity in images/s; the
    smallest is the bottleneck, the run's throughput. The restorers' busy fraction is throughput / restore
-   capacity, and :func:`cpus_needed` is the CPU count at which the CPU side keeps up with the GPUs.
+   capacity, and :func:`cpus_needed` is the CPU count at which the CPU side keeps up with the GPUs (the model
+   searched, so that the two never disagree).
 """
 
 from __future__ import annotations
@@ -243,14 +244,35 @@ def predict(costs: StageCosts, pools: Pools, cluster: ClusterShape) -> Predictio
                       detect_busy=min(1.0, rate / detect) if detect != inf and finite else 0.0)
 
 
-def cpus_needed(costs: StageCosts, pools: Pools, *, target_busy: float = 1.0) -> float:
-    """CPUs at which the CPU side (all of a photo's CPU work, and the detector pool) keeps the restorers
-    ``target_busy`` busy. A detector pool sized by the rule grows with the CPUs; a fixed one may still limit."""
-    per_image_restore = costs.restore_s_per_face * costs.faces_per_image
-    if per_image_restore <= 0:
-        return float("inf")
-    rate = target_busy * pools.restore.max_actors / per_image_restore  # the busy fraction counts work only
-    return rate * cpu_seconds_per_image(costs, detect_on_gpu=pools.detect.gpus > 0) / CPU_EFFICIENCY
+def cpus_needed(cfg: PipelineConfig, costs: StageCosts, gpus: float, *, target: float = 0.9) -> float:
+    """The fewest CPUs (within 0.01) at which the restorers run at ``target`` of their capacity (Ray's per-call time
+    included, so that 1.0 is reachable), on a cluster of ``gpus`` GPUs whose pools the rule gives
+    (:func:`plan_pools`: detectors sized by the CPUs grow with them, a fixed pool does not, and the write tasks get
+    the cores the actors leave); inf where no CPU count gets there (a fixed detector pool too small) or the
+    restorers cost nothing.
+
+    :func:`predict` itself, searched (its throughput only grows with the CPUs): the CPU count it names always makes
+    the model call the restorers the bottleneck, whichever CPU stage limits first. (A closed form over the CPU time
+    alone said 8 CPUs where 64 fixed detectors left the write tasks one core: a test under load found the write
+    stage the bottleneck at 1.3 times the CPUs it named.)"""
+    inf = float("inf")
+
+    def enough(cpus: float) -> bool:
+        shape = ClusterShape(cpus=cpus, gpus=gpus)
+        pred = predict(costs, plan_pools(cfg, shape), shape)
+        return pred.images_per_s >= target * pred.capacity["restore"] * (1 - 1e-9)
+
+    if predict(costs, plan_pools(cfg, ClusterShape(1.0, gpus)), ClusterShape(1.0, gpus)).capacity["restore"] == inf:
+        return inf
+    lo, hi = 0.0, 1.0
+    while not enough(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 2**24:  # no cluster: a limit that CPUs do not lift
+            return inf
+    while hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def recommend(cfg: PipelineConfig, costs: StageCosts, cluster: ClusterShape) -> dict[str, Any]:

@@ -73,9 +73,16 @@ def test_the_answer_follows_the_cluster_shape(tmp_path: Path) -> None:
     assert few["bottleneck"] in ("cpu", "write", "detect") and few["busy"]["restore"] < 0.5  # type: ignore[index]
     assert few["restore"]["seconds_per_face"] == pytest.approx(  # type: ignore[index]
         (26 * 387.9 + 1447.1) / (989.4 * 1e3 * 0.35), rel=1e-3)
-    # one GPU and more than the cores the model asks for (the same measured costs): the GPU is the bottleneck
-    need = float(few["cpus_for_restore_busy_0_9"]) / 16 / 0.9 * 1.3  # type: ignore[arg-type]
-    one = estimate(cfg, cluster=ClusterShape(cpus=need, gpus=1), gpu_type="H100", sampled=few["measured"])
+    # one GPU and more than the cores the model asks for it (the same measured costs): the GPU is the bottleneck,
+    # whichever CPU stage the load of the moment made the slowest (the 64 detectors count 64 cores and the write tasks
+    # get those past them: under load, write was the bottleneck at the CPUs a closed form over CPU time had named)
+    need = float(estimate(cfg, cluster=ClusterShape(cpus=2, gpus=1), gpu_type="H100",  # type: ignore[arg-type]
+                          sampled=few["measured"])["cpus_for_restore_busy_0_9"])
+    at = estimate(cfg, cluster=ClusterShape(cpus=need, gpus=1), gpu_type="H100", sampled=few["measured"])
+    assert at["images_per_s"] >= 0.9 * at["capacity_images_per_s"]["restore"] * 0.999, at  # type: ignore[index,operator]
+    # with cores to spare past the 64 detectors' (the write tasks get what they leave): the GPU is the bottleneck
+    one = estimate(cfg, cluster=ClusterShape(cpus=2 * max(need, 80.0), gpus=1), gpu_type="H100",
+                   sampled=few["measured"])
     # busy: the work share of the restorer's time (Ray's per-call time is not busy)
     assert one["bottleneck"] == "restore" and one["busy"]["restore"] > 0.8  # type: ignore[index]
     assert one["gpu_hours"] > 0 and one["gpu_hours_restoring"] > 0  # type: ignore[operator]

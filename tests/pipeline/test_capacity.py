@@ -49,15 +49,28 @@ def test_model_names_the_cpu_side_when_the_gpus_outrun_it() -> None:
     pools = plan_pools(cfg(gpus_per_detector=0.0), shape)  # CPU detection: 0.505 CPU-s per image
     pred = predict(COSTS, pools, shape)
     assert pred.bottleneck in ("cpu", "detect") and pred.restore_busy < 0.5
-    # with the cores the model asks for, the restorer is the bottleneck and busy
-    need = cpus_needed(COSTS, pools)
-    assert need == pytest.approx(34 * 0.505 / 0.85)
+    # with the cores the model asks for, the restorer is the bottleneck and busy. The rule's detectors grow with the
+    # CPUs, (cpus - 0.5) // 2 of them, and must reach 34 images/s x 0.41 s: 14 detectors, from 28.5 CPUs
+    need = cpus_needed(cfg(gpus_per_detector=0.0), COSTS, gpus=1, target=1.0)
+    assert need == pytest.approx(28.5, abs=0.01)
+    for cpus, bottleneck in ((need, "restore"), (need - 0.02, "detect")):
+        at = ClusterShape(cpus=cpus, gpus=1)
+        assert predict(COSTS, plan_pools(cfg(gpus_per_detector=0.0), at), at).bottleneck == bottleneck
+    # 90% of the restorers' capacity: 31 images/s, from 13 detectors (13 / 0.41 s = 31.7): 26.5 CPUs
+    assert cpus_needed(cfg(gpus_per_detector=0.0), COSTS, gpus=1) == pytest.approx(26.5, abs=0.01)
+    # 40 fixed detectors count 40 cores: the write tasks need the cores past them (34 / 11.1 per task: 4 tasks)
+    assert cpus_needed(cfg(gpus_per_detector=0.0, detect_actors=40), COSTS, gpus=1, target=1.0) == pytest.approx(
+        44.5, abs=0.01)
+    # a fixed pool too small for the restorers: no CPU count helps; a restorer that costs nothing needs none
+    assert cpus_needed(cfg(gpus_per_detector=0.0, detect_actors=2), COSTS, gpus=1) == float("inf")
+    free = StageCosts(**{**COSTS.to_dict(), "restore_s_per_face": 0.0})
+    assert cpus_needed(cfg(gpus_per_detector=0.0), free, gpus=1) == float("inf")
     big = ClusterShape(cpus=need * 1.01, gpus=1)
-    # the detectors that keep up (34 images/s x 0.41 s: 14), and the write tasks get the 5 cores they leave
+    # the detectors that keep up (34 images/s x 0.41 s: 14), and the write tasks get the 14 cores they leave
     pools_big = plan_pools(cfg(gpus_per_detector=0.0, detect_actors=14), big)
     assert predict(COSTS, pools_big, big).bottleneck == "restore"
     assert predict(COSTS, pools_big, big).restore_busy == pytest.approx(1.0)
-    # 40 detectors on 20 cores leave the write tasks one core: 1 / 0.09 s = 11 images/s, and the model says so
+    # 40 detectors on 29 cores leave the write tasks one core: 1 / 0.09 s = 11 images/s, and the model says so
     crowded = predict(COSTS, plan_pools(cfg(gpus_per_detector=0.0, detect_actors=40), big), big)
     assert crowded.bottleneck == "write" and crowded.images_per_s == pytest.approx(1 / 0.09)
 
