@@ -250,7 +250,7 @@ class FlightLog:
         return sorted(left, key=lambda x: -x[2])
 
 
-WAITS_KEPT = 4096  # per actor, the most recent waits kept for their quantiles
+WAITS_KEPT = 1024  # per actor, the most recent waits kept for their quantiles (sorted in the flight log per busy call)
 
 
 def busy_table(ready_at: dict[tuple[str, str], float], busy_s: dict[tuple[str, str], float], now: float,
