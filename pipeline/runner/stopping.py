@@ -142,8 +142,8 @@ def children_shielded() -> Iterator[None]:
     (SIGKILL, pipeline/graph/build.py) or with this process (the kernel's fate sharing), never by SIGTERM.
 
     The mask is a thread's, and children inherit it from the thread that forks them: this thread blocks SIGTERM
-    while inside, and on the way out our handlers go back where the library replaced them (:func:`reinstall`)
-    before the mask is restored, so that a SIGTERM that came meanwhile, pending until then, reaches ours. Only
+    while inside (the process's other threads still take a SIGTERM for it, as before), and on the way out our
+    handlers go back where the library replaced them (:func:`reinstall`), then the mask is restored. Only
     inside :func:`handling` (the CLI) and on the main thread: a program using the Python API keeps Ray's own
     behaviour (``ray.shutdown`` stops the raylet with SIGTERM)."""
     st = _stop

@@ -102,7 +102,7 @@ os._exit(0)
 """
 
 
-def test_children_started_by_the_cli_are_deaf_to_sigterm_and_a_sigterm_meanwhile_reaches_our_handler() -> None:
+def test_children_started_by_the_cli_are_deaf_to_sigterm_and_our_handler_is_back_after() -> None:
     """What a local Ray's processes start with inside the CLI (stopping.children_shielded): SIGTERM blocked, so a
     signal to the whole group leaves the raylet to the driver's teardown; outside the CLI, nothing changes. On the way
     out our handler is back where a library replaced it, and the driver's own SIGTERM is raised as ours."""
