@@ -70,13 +70,17 @@ MAX_RAY_BLOCK = 128 * MiB
 # glibc malloc settings for a local Ray's workers (read by glibc when a process starts, so they reach workers only
 # through the environment they are started with: see build.init_ray). Two heaps instead of one per thread (8 per
 # core): each heap keeps its own freed memory, and Ray's, torch's and OpenCV's threads each allocate. Allocations of
-# 4 MiB and more (Pillow's 16 MiB decode blocks, whole photos, pyramids) get their own mapping, returned to the
-# system when freed, instead of glibc's default threshold that rises to 32 MiB after the first large free and then
-# leaves such blocks in a heap. Arrow's buffers (the blocks' tables, a write task's parts) go through the same malloc
+# 32 MiB and more (whole decoded photos: Pillow decodes an image into one block, pipeline/imaging/decode.py) get their
+# own mapping, returned to the system when freed; smaller ones stay in the heaps for reuse, and up to 64 MiB freed at a
+# heap's top stays there (the stages give it back after each photo or window: release_freed_memory). A lower mapping
+# threshold (4 MiB, with glibc's 128 KiB trim threshold) made every tensor of a few MiB a fresh mapping, its pages
+# faulted in and zeroed by the kernel at each use: MTCNN on a 2 MP photo took 430 ms instead of 294, the tiny
+# restorer 2.1 s per face instead of 1.0 (one thread, benchmarks in the README), for no lower peak. Arrow's buffers (the blocks' tables, a write task's parts) go through the same malloc
 # instead of pyarrow's default mimalloc, which keeps freed segments for reuse: a worker that had run write tasks
 # on 48 MP photos then sat idle holding 0.85 GiB (a 200-photo run; 24 photos: 3.12 GiB at peak with mimalloc, 2.85
 # with the system pool). A value already in the environment wins.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 * MiB), "ARROW_DEFAULT_MEMORY_POOL": "system"}
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(32 * MiB), "MALLOC_TRIM_THRESHOLD_": str(64 * MiB),
+              "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 @dataclass(frozen=True)
