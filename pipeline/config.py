@@ -115,7 +115,7 @@ class PipelineConfig:
     restore_actors: int | None = _f(None, "restorer actors; none: one per GPU of the cluster (one on a CPU-only one)")
     detect_actors: int | None = _f(
         None, "detector actors; none: sized to the cluster (pipeline/graph/capacity.py: an autoscaling pool, up to "
-        "two per GPU when the restorers have GPUs, else up to half the CPUs the restorers leave)")
+        "two per GPU when the restorers have GPUs, else up to three quarters of the cores the restorers leave)")
     gpus_per_restorer: float | None = _f(
         None, "GPUs per restorer actor; none: 0.8 when the cluster has GPUs and detection runs there (the rest "
         "holds two detectors), 1 when --gpus-per-detector 0, else 0 (a fraction shares a GPU)")

@@ -12,8 +12,12 @@ Two pure pieces (no Ray, no torch), so that ``pipeline/graph/build.py`` (which a
      fraction and not detection fused into the restorer actor: the detector actor also decodes and aligns (CPU
      work, ~30 ms per photo), and in the restorer's process that time would leave the GPU idle; two actors on one
      GPU overlap it, and the detector's MTCNN (a few GFLOP per photo) costs the restorer's GPU little.
-   * Detectors on a CPU-only cluster: an autoscaling pool of one to half the CPUs the restorers leave (detection
-     is about half of a photo's CPU work; reads, compose and writes take the rest as Ray tasks).
+   * Detectors on the CPUs (a CPU-only cluster, or ``--gpus-per-detector 0``): an autoscaling pool of one to
+     ``DETECT_CPU_SHARE`` of the cores the restorers leave (half a core counts as one). Detection is most of a
+     photo's CPU work (``benchmarks/bench_photo.py``, one thread: 320 of 412 ms for a 2 MP one-face photo; reads,
+     compose and writes, the rest, run as Ray tasks). The pool's top is a ceiling, not a reservation: Ray Data adds a
+     detector only while blocks queue for one. A restorer that computes nothing (passthrough, simulate) leaves its
+     core to them: on two cores a passthrough run may detect on both.
    * Reads and writes are Ray tasks of ``TASK_CPUS`` each: Ray runs as many at once as the free CPUs allow, so they
      follow the cluster without a pool size.
 
@@ -30,12 +34,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import RestorerKind
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 GPU_DETECTOR_SHARE = 0.1  # GPU per detector actor when detection runs on the restorers' GPUs
 DETECTORS_PER_GPU = 2  # at most this many detector actors per GPU (their decode/align is CPU work)
 GPU_RESTORER_WITH_DETECTORS = round(1.0 - DETECTORS_PER_GPU * GPU_DETECTOR_SHARE, 3)  # 0.8: the rest of its GPU
+DETECT_CPU_SHARE = 0.75  # of the cores the restorers leave, what CPU detectors may take at most (see plan_pools)
 TASK_CPUS = 0.25  # CPUs reserved per read/write/commit task
 TASK_S = 0.03  # a Ray task's own cost (scheduling, a worker's call, the block in and out; 2-core machine)
 ACTOR_CALL_S = 0.02  # a stage actor's time per call outside its work (Ray's call, the block in and out; 2-core machine)
@@ -126,19 +133,31 @@ def plan_pools(cfg: PipelineConfig, cluster: ClusterShape) -> Pools:
         whole = max(1, int(math.floor(cluster.gpus + 1e-9)))
         lo, hi = whole, whole * DETECTORS_PER_GPU
     else:
-        restorer_cores = restorers * max(1.0, cfg.cpus_per_actor) if gpus_r == 0 else restorers * cfg.cpus_per_actor
-        lo, hi = 1, max(1, int((cluster.cpus - restorer_cores) // 2))
+        if cfg.restorer in (RestorerKind.PASSTHROUGH, RestorerKind.SIMULATE):
+            restorer_cores = 0.0  # it hands faces back (or sleeps): no core of work, whatever Ray reserves for it
+        elif gpus_r == 0:
+            restorer_cores = restorers * max(1.0, cfg.cpus_per_actor)  # a CPU restorer works a whole core
+        else:
+            restorer_cores = restorers * cfg.cpus_per_actor  # its host's share, feeding its GPU
+        lo, hi = 1, max(1, _round_half_up(DETECT_CPU_SHARE * (cluster.cpus - restorer_cores)))
     return Pools(detect=StagePool(lo, max(lo, hi), cfg.cpus_per_actor, gpus_d), restore=restore)
 
 
 def plan_write_tasks(cpus: float, actor_cores: float) -> int:
-    """Write tasks at once: one per core that the stage actors leave (:meth:`Pools.actor_cores`), at least one.
+    """Write tasks at once: one per core that the stage actors leave (:meth:`Pools.actor_cores`; half a core counts as
+    one), at least one.
 
     Compose (decode again, paste back, encode) is CPU work and each task holds a decoded photo. A task beyond the
     free cores adds no throughput: it takes CPU from the detectors, which feed every later stage, and holds one more
     photo. Measured on this 2-core machine (12 photos of 48 MP, passthrough, one detector): two write tasks 37.2 s
     and 3.07 GiB at peak, one write task 33.3 s and 2.83 GiB (``benchmarks/bench_large_photos.py``)."""
-    return max(1, int(cpus - actor_cores + 1e-9))
+    return max(1, _round_half_up(cpus - actor_cores))
+
+
+def _round_half_up(x: float) -> int:
+    """The pools' counts: half a core left over counts as one (an actor or task beyond it shares a core; one fewer
+    would leave half a core idle). Both the detectors and the write tasks round so, which keeps the two in step."""
+    return math.floor(x + 0.5 + 1e-9)
 
 
 # --------------------------------------------------------------------------------------------- the model

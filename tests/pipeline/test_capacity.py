@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import PipelineConfig
-from pipeline.graph.capacity import ClusterShape, StageCosts, StagePool, cpus_needed, plan_pools, predict, recommend
+from pipeline.config import PipelineConfig, RestorerKind
+from pipeline.graph.capacity import (
+    ClusterShape,
+    StageCosts,
+    StagePool,
+    cpus_needed,
+    plan_pools,
+    plan_write_tasks,
+    predict,
+    recommend,
+)
 
 
 def cfg(**kw: object) -> PipelineConfig:
@@ -13,13 +22,26 @@ def cfg(**kw: object) -> PipelineConfig:
 
 
 def test_cpu_only_cluster_one_restorer_and_detectors_from_the_cores_left() -> None:
-    assert plan_pools(cfg(), ClusterShape(cpus=2)).detect == StagePool(1, 1, 0.5, 0.0)  # this machine: as before
+    # this machine: a CPU restorer takes one of the two cores, 0.75 of the other rounds to one detector
+    assert plan_pools(cfg(), ClusterShape(cpus=2)).detect == StagePool(1, 1, 0.5, 0.0)
     pools = plan_pools(cfg(), ClusterShape(cpus=16))
     assert pools.restore == StagePool(1, 1, 0.5, 0.0)
-    assert (pools.detect.min_actors, pools.detect.max_actors, pools.detect.gpus) == (1, 7, 0.0)  # (16 - 1) // 2
-    # CPU actors work a whole core each, whatever they reserve: the write tasks get the other 8 (memory.plan_memory)
-    assert pools.actor_cores() == 8.0
+    assert (pools.detect.min_actors, pools.detect.max_actors, pools.detect.gpus) == (1, 11, 0.0)  # 0.75 * 15 = 11.25
+    # CPU actors work a whole core each, whatever they reserve: the write tasks get the other 4 (memory.plan_memory)
+    assert pools.actor_cores() == 12.0 and plan_write_tasks(16, pools.actor_cores()) == 4
     assert plan_pools(cfg(), ClusterShape(cpus=2)).actor_cores() == 2.0
+
+
+def test_a_restorer_that_computes_nothing_leaves_its_core_to_the_detectors() -> None:
+    # passthrough on two cores: the restorer does no work, 0.75 * 2 = 1.5 rounds to 2 detectors at most
+    for kind in (RestorerKind.PASSTHROUGH, RestorerKind.SIMULATE):
+        assert plan_pools(cfg(restorer=kind), ClusterShape(cpus=2)).detect == StagePool(1, 2, 0.5, 0.0)
+    assert plan_pools(cfg(restorer=RestorerKind.TINY), ClusterShape(cpus=2)).detect == StagePool(1, 1, 0.5, 0.0)
+    # restorers on GPUs, detection on the CPUs: the restorers' hosts hold 2 x 0.5 CPU, 0.75 * 7 = 5.25: 5
+    pools = plan_pools(cfg(gpus_per_detector=0.0), ClusterShape(cpus=8, gpus=2))
+    assert pools.detect == StagePool(1, 5, 0.5, 0.0)
+    # the write tasks take the cores the actors leave, half a core counting as one: 8 - 5 - 1 = 2
+    assert plan_write_tasks(8, pools.actor_cores()) == 2 and plan_write_tasks(2, 2.5) == 1
 
 
 def test_gpu_cluster_detects_on_the_gpus_beside_one_restorer_each() -> None:
@@ -49,18 +71,21 @@ def test_model_names_the_cpu_side_when_the_gpus_outrun_it() -> None:
     pools = plan_pools(cfg(gpus_per_detector=0.0), shape)  # CPU detection: 0.505 CPU-s per image
     pred = predict(COSTS, pools, shape)
     assert pred.bottleneck in ("cpu", "detect") and pred.restore_busy < 0.5
-    # with the cores the model asks for, the restorer is the bottleneck and busy. The rule's detectors grow with the
-    # CPUs, (cpus - 0.5) // 2 of them, and must reach 34 images/s x 0.41 s: 14 detectors, from 28.5 CPUs
+    # with the cores the model asks for, the restorer is the bottleneck and busy. 34 images/s need 14 detectors
+    # (x 0.41 s), which the rule gives from 17.9 CPUs (ceil(0.75 * (cpus - 0.5))), but all the CPU work of an image
+    # (0.505 s) on 85% of the cores needs 34 x 0.505 / 0.85 = 20.2 CPUs: the CPU side as a whole limits first (the
+    # write tasks, floor(20.2 - 15.5 + 0.5) = 5 of them beside 15 detectors, manage 55 images/s)
     need = cpus_needed(cfg(gpus_per_detector=0.0), COSTS, gpus=1, target=1.0)
-    assert need == pytest.approx(28.5, abs=0.01)
-    for cpus, bottleneck in ((need, "restore"), (need - 0.02, "detect")):
+    assert need == pytest.approx(34 * 0.505 / 0.85, abs=0.01)
+    for cpus, bottleneck in ((need, "restore"), (need - 0.02, "cpu")):
         at = ClusterShape(cpus=cpus, gpus=1)
         assert predict(COSTS, plan_pools(cfg(gpus_per_detector=0.0), at), at).bottleneck == bottleneck
-    # 90% of the restorers' capacity: 31 images/s, from 13 detectors (13 / 0.41 s = 31.7): 26.5 CPUs
-    assert cpus_needed(cfg(gpus_per_detector=0.0), COSTS, gpus=1) == pytest.approx(26.5, abs=0.01)
-    # 40 fixed detectors count 40 cores: the write tasks need the cores past them (34 / 11.1 per task: 4 tasks)
+    # 90% of the restorers' capacity: 30.6 images/s, 30.6 x 0.505 / 0.85 = 18.2 CPUs (14 detectors there)
+    assert cpus_needed(cfg(gpus_per_detector=0.0), COSTS, gpus=1) == pytest.approx(0.9 * 34 * 0.505 / 0.85, abs=0.01)
+    # 40 fixed detectors count 40 cores: the write tasks need the cores past them (34 / 11.1 per task: 4 tasks, from
+    # 3.5 cores left: 40 + 0.5 + 3.5)
     assert cpus_needed(cfg(gpus_per_detector=0.0, detect_actors=40), COSTS, gpus=1, target=1.0) == pytest.approx(
-        44.5, abs=0.01)
+        44.0, abs=0.01)
     # a fixed pool too small for the restorers: no CPU count helps; a restorer that costs nothing needs none
     assert cpus_needed(cfg(gpus_per_detector=0.0, detect_actors=2), COSTS, gpus=1) == float("inf")
     free = StageCosts(**{**COSTS.to_dict(), "restore_s_per_face": 0.0})
