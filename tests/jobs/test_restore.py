@@ -252,6 +252,25 @@ def test_busy_fractions_in_markers_summary_and_report(first_run) -> None:
     assert "waits between blocks" in html
 
 
+def test_autoscaling_pools_grow_on_demand_and_never_shrink_mid_run(archive, tmp_path) -> None:
+    """An autoscaling pool (passthrough on two cores: one to two detectors, capacity.plan_pools) keeps the actors it
+    grew to until its input ends. Ray Data's default shrinks a pool as soon as it is half used and starts a new actor,
+    a model load, once blocks queue again (build.NEVER_SHRINK): a run then saw more detector actors than its pool
+    holds (4 for a pool of 2, benchmarks/bench_capacity.py)."""
+    from pipeline.graph.build import NEVER_SHRINK, build_dataset, stream_summaries
+    from pipeline.graph.models import model_identity
+    from pipeline.runner.loop import plan_units
+
+    src, _ = archive
+    cfg = config(src, tmp_path / "out", restorer=RestorerKind.PASSTHROUGH)
+    graph = build_dataset(plan_units(cfg), cfg, model_identity(cfg), "0" * 64)
+    assert (graph.pools.detect.min_actors, graph.pools.detect.max_actors) == (1, 2)
+    assert graph.ds.context.autoscaling_config.actor_pool_util_downscaling_threshold == NEVER_SHRINK < 0
+    parts = list(stream_summaries(graph))
+    assert {p["unit"] for p in parts} == {f"shard-{i:03d}.tar" for i in range(3)}
+    assert 1 <= graph.busy["detect"]["actors"] <= graph.pools.detect.max_actors, graph.busy
+
+
 def test_simulated_restorer_says_so_everywhere(archive, tmp_path) -> None:
     """--restorer simulate passes faces through after a stated time per face, and every output, the summary and the
     report say that these are not restorations."""
