@@ -76,8 +76,9 @@ MAX_RETRIES = 2
 # Ray Data's autoscaler (ray 2.60) kills an idle actor of a pool as soon as the pool's utilisation falls to half
 # (tasks submitted per slot), and starts a new one once blocks queue again: for a stage actor that is a model load
 # each time (torch's import and MTCNN: seconds of CPU on the cores the other stages use). A detector pool of one to
-# two on a simulated GPU node started 4 actors over a 384-photo run and the restorer ran 0.81 busy (steady); a fixed
-# pool of two, 0.88. A utilisation never at or below this threshold keeps what the pool grew to until its input ends.
+# two on a simulated GPU node started 4 actors over a 384-photo run and the restorer ran 0.74-0.83 busy (steady,
+# three runs); never shrinking, 0.77-0.87; a fixed pool of two, 0.88-0.89. A utilisation never at or below this
+# threshold keeps what the pool grew to until its input ends.
 NEVER_SHRINK = -1.0
 
 
