@@ -97,15 +97,17 @@ def test_expired_lease_is_taken_over_and_the_old_holder_finds_out(root: str) -> 
 def test_acquire_waits_for_a_release(root: str) -> None:
     uri = f"{root}/w.json"
     held = leases.try_acquire(uri, ttl=30)
-    released = threading.Event()
+    releasing = threading.Event()
 
     def release() -> None:
-        held.release()
-        released.set()
+        releasing.set()  # before the release: once it deletes the lease, the waiter may take it at once, and under
+        held.release()  # load it did so before this thread ran again (an event set after release() read unset)
 
-    threading.Timer(0.3, release).start()
+    timer = threading.Timer(0.3, release)
+    timer.start()
     got = leases.acquire(uri, ttl=30, wait_s=120, poll_s=0.05)  # generous: a loaded machine may be slow to release
-    assert released.is_set()  # it waited for the release (the lease was live until then), however long that took
+    assert releasing.is_set()  # it waited for the release (the lease was live until then), however long that took
+    timer.join()
     assert got.record.token != held.record.token
     got.release()
 
