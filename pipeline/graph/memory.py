@@ -77,10 +77,10 @@ MAX_RAY_BLOCK = 128 * MiB
 # faulted in and zeroed by the kernel at each use: one thread, MTCNN on a 2 MP photo took 373 ms instead of 287, the
 # tiny restorer 1.81 s per face instead of 0.99 (benchmarks/bench_malloc.py), while 12 photos of 48 MP peaked at
 # 2.67 GiB PSS against 2.78 now (benchmarks/bench_large_photos.py; now with two detectors, capacity.plan_pools).
-# Arrow's buffers (the blocks' tables, a write task's parts)
-# go through the same malloc instead of pyarrow's default mimalloc, which keeps freed segments for reuse: a worker
-# that had run write tasks on 48 MP photos then sat idle holding 0.85 GiB (a 200-photo run; 24 photos: 3.12 GiB at
-# peak with mimalloc, 2.85 with the system pool). A value already in the environment wins.
+# Arrow's buffers (the blocks' tables, a write task's parts) go through the same malloc instead of pyarrow's default
+# mimalloc, which keeps freed segments for reuse: a worker that had run write tasks on 48 MP photos then sat idle
+# holding 0.85 GiB (a 200-photo run; 24 photos: 3.12 GiB at peak with mimalloc, 2.85 with the system pool). A value
+# already in the environment wins.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(32 * MiB), "MALLOC_TRIM_THRESHOLD_": str(64 * MiB),
               "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
