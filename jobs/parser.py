@@ -148,8 +148,6 @@ def build_parser(preset_defaults: dict[str, Any] | None = None) -> argparse.Argu
     v.add_argument("dir", type=Path, nargs="?", default=None,
                    help="fixture folder (default: the copy shipped in tests/fixtures/dr2_reference)")
 
-    from jobs.bench import add_arguments as add_bench_arguments
-
     add_bench_arguments(sub.add_parser("bench", help="measure the DR2 path's speed (one table)",
                                        description="One table: UNet forwards/s and TFLOP/s, restorer faces/s, "
                                        "end-to-end pipeline faces/s, the batch-1 baseline and MFU. See jobs/bench.py."))
@@ -167,3 +165,37 @@ def package_version() -> str:
         return version("dr2-pipeline")
     except PackageNotFoundError:
         return "(not installed)"
+
+
+BENCH_DEFAULTS_HELP = (
+    "Defaults per device. CUDA: --precision fp32,bf16 --batch-size 1,4,8 --repeats 2, a `dr2 restore` pipeline run "
+    "of 48 photos for every row, a 4-face baseline. CPU (a few minutes): --precision fp32 --batch-size 1,4 "
+    "--repeats 1, one pipeline run of 4 photos at the last row (batch 4), a 2-face baseline. On CPU, --full (or an "
+    "explicit --precision or --batch-size) runs the CUDA matrix instead, with 8 pipeline photos per row: expect "
+    "20 minutes or more."
+)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """``dr2 bench``'s options (jobs/bench.py); here, so that the parser does not import torch."""
+    p.epilog = BENCH_DEFAULTS_HELP
+    p.add_argument("--device", default="auto",
+                   help="cpu (tiny models) or cuda (full-size models); auto (default): cuda if available")
+    p.add_argument("--full", action="store_true",
+                   help="on CPU, the full matrix that CUDA runs by default (fp32,bf16 x 1,4,8, a pipeline run per row)")
+    p.add_argument("--precision", default=None,
+                   help="comma-separated: fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", default=None,
+                   help="comma-separated restore batch sizes (default 1,4,8 on CUDA, 1,4 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks (cost reported)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--skip-pipeline", action="store_true", help="leave out the end-to-end `dr2 restore` row")
+    p.add_argument("--N", type=int, default=8, help="low-pass factor (default 8, preset moderate)")
+    p.add_argument("--tau", type=int, default=35, help="output step (default 35, preset moderate)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per measurement, median (default 2 on CUDA, 1 on CPU)")
+    p.add_argument("--pipeline-images", type=int, default=None,
+                   help="images in the generated archive (default 48 on CUDA, 4 on CPU, 8 with --full)")
+    p.add_argument("--verify-fixtures", action="store_true",
+                   help="first check the golden fixtures on --device in each --precision; stop on a failure")
+    p.add_argument("--out", type=Path, default=None, help="also write bench.md and bench.json (and verify.txt) here")

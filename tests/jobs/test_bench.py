@@ -17,7 +17,6 @@ from dr2.unet import UNetConfig
 from jobs.bench import (
     BenchOptions,
     _count_faces,
-    add_arguments,
     build_archive,
     busy_fractions,
     count_flops,
@@ -26,7 +25,7 @@ from jobs.bench import (
     run_bench,
     spec_peak,
 )
-from jobs.parser import build_parser
+from jobs.parser import add_bench_arguments, build_parser
 
 
 def test_full_size_flops_match_the_issue() -> None:
@@ -84,7 +83,7 @@ def test_cpu_default_is_small_and_full_brings_the_matrix_back() -> None:
         ("fp32", "bf16"), (2, 8), 3, "every")
     assert _options("--device", "cpu", "--precision", "bf16", "--pipeline-images", "6").pipeline_images == 6
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_bench_arguments(parser)
     help_text = parser.format_help()
     assert "CPU (a few minutes): --precision fp32 --batch-size 1,4" in " ".join(help_text.split())
 
