@@ -62,12 +62,14 @@ class ClusterShape:
 @dataclass(frozen=True)
 class StagePool:
     """An actor pool: between ``min_actors`` and ``max_actors`` actors (equal: a fixed pool), each reserving
-    ``cpus`` and ``gpus``."""
+    ``cpus`` and ``gpus``; ``work_cores``: the cores one actor keeps busy where that is not what :attr:`cores` says
+    (0 for a restorer that computes nothing: passthrough, simulate)."""
 
     min_actors: int
     max_actors: int
     cpus: float
     gpus: float
+    work_cores: float | None = None
 
     @property
     def fixed(self) -> bool:
@@ -77,8 +79,9 @@ class StagePool:
     def cores(self) -> float:
         """Cores the pool keeps busy at most: an actor working on the CPU takes a whole core whatever it reserves
         (``--cpus-per-actor`` is a fraction so that reads and writes keep running); one feeding a GPU, what it
-        reserves."""
-        return self.max_actors * (self.cpus if self.gpus else max(1.0, self.cpus))
+        reserves; ``work_cores`` where it is given."""
+        each = self.work_cores if self.work_cores is not None else self.cpus if self.gpus else max(1.0, self.cpus)
+        return self.max_actors * each
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,20 +129,16 @@ def plan_pools(cfg: PipelineConfig, cluster: ClusterShape) -> Pools:
         restorers = max(1, int(math.floor(cluster.gpus + 1e-9) * _per_gpu(gpus_r)))
     else:
         restorers = 1
-    restore = StagePool(restorers, restorers, cfg.cpus_per_actor, gpus_r)
+    # a restorer that hands faces back (or sleeps) keeps no core busy, whatever Ray reserves for it
+    idle = cfg.restorer in (RestorerKind.PASSTHROUGH, RestorerKind.SIMULATE)
+    restore = StagePool(restorers, restorers, cfg.cpus_per_actor, gpus_r, work_cores=0.0 if idle else None)
     if cfg.detect_actors is not None:
         lo = hi = cfg.detect_actors
     elif gpus_d > 0 and cluster.gpus > 0:
         whole = max(1, int(math.floor(cluster.gpus + 1e-9)))
         lo, hi = whole, whole * DETECTORS_PER_GPU
-    else:
-        if cfg.restorer in (RestorerKind.PASSTHROUGH, RestorerKind.SIMULATE):
-            restorer_cores = 0.0  # it hands faces back (or sleeps): no core of work, whatever Ray reserves for it
-        elif gpus_r == 0:
-            restorer_cores = restorers * max(1.0, cfg.cpus_per_actor)  # a CPU restorer works a whole core
-        else:
-            restorer_cores = restorers * cfg.cpus_per_actor  # its host's share, feeding its GPU
-        lo, hi = 1, max(1, _round_half_up(DETECT_CPU_SHARE * (cluster.cpus - restorer_cores)))
+    else:  # of the cores the restorers leave (StagePool.cores: a CPU restorer works a core; one on a GPU, its share)
+        lo, hi = 1, max(1, _round_half_up(DETECT_CPU_SHARE * (cluster.cpus - restore.cores)))
     return Pools(detect=StagePool(lo, max(lo, hi), cfg.cpus_per_actor, gpus_d), restore=restore)
 
 

@@ -37,6 +37,9 @@ def test_a_restorer_that_computes_nothing_leaves_its_core_to_the_detectors() -> 
     for kind in (RestorerKind.PASSTHROUGH, RestorerKind.SIMULATE):
         assert plan_pools(cfg(restorer=kind), ClusterShape(cpus=2)).detect == StagePool(1, 2, 0.5, 0.0)
     assert plan_pools(cfg(restorer=RestorerKind.TINY), ClusterShape(cpus=2)).detect == StagePool(1, 1, 0.5, 0.0)
+    # ... and to the write tasks: on 16 cores, 0.75 * 16 = 12 detectors, the other 4 cores write
+    pools = plan_pools(cfg(restorer=RestorerKind.PASSTHROUGH), ClusterShape(cpus=16))
+    assert (pools.detect.max_actors, pools.restore.cores, plan_write_tasks(16, pools.actor_cores())) == (12, 0.0, 4)
     # restorers on GPUs, detection on the CPUs: the restorers' hosts hold 2 x 0.5 CPU, 0.75 * 7 = 5.25: 5
     pools = plan_pools(cfg(gpus_per_detector=0.0), ClusterShape(cpus=8, gpus=2))
     assert pools.detect == StagePool(1, 5, 0.5, 0.0)
