@@ -242,7 +242,7 @@ def restore_cost(cfg: PipelineConfig, sampled: Sampled, cluster: ClusterShape, *
                  faces_per_s: float | None, slices: Sequence[int]) -> tuple[float, str, bool]:
     """(one restorer actor's seconds per face, where the figure comes from, whether it takes a CPU core).
     ``slices``: faces per restorer call of a typical run (:func:`restore_calls`)."""
-    on_cpu = cluster.gpus < 1
+    on_cpu = cluster.gpus < 1 and cfg.restorer is not RestorerKind.SIMULATE  # a simulated restorer only sleeps
     # the networks run full batches: what a face costs includes its share of the padding, as the stages slice
     bs = cfg.restore_batch_size
     run_pad = _ratio(padded(slices, bs), sum(slices))

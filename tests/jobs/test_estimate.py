@@ -108,3 +108,23 @@ def test_units_are_sampled_by_seed() -> None:
     units = [Unit(name=f"u{i}", kind=UnitKind.SHARD, source=f"s{i}") for i in range(20)]
     a, b = sample_units(units, 3, seed=1), sample_units(units, 3, seed=1)
     assert a == b and len(a) == 3 and a != sample_units(units, 3, seed=2)
+
+
+def test_a_simulated_restorer_takes_no_cpu_core_however_its_rate_is_given() -> None:
+    from jobs.estimate import Sampled, restore_cost
+    from pipeline.graph.capacity import ClusterShape
+
+    cpu_only = ClusterShape(cpus=8, gpus=0)
+    sim = PipelineConfig(src="a", dst="b", restorer=RestorerKind.SIMULATE, simulate_faces_per_s=4.0,
+                         restore_batch_size=1)
+    for given in (None, 5.0):  # its own rate, or --restorer-faces-per-s
+        per_face, _, on_cpu = restore_cost(sim, Sampled(), cpu_only, gpu_type="H100", mfu=0.35, faces_per_s=given,
+                                           slices=[1, 1])
+        assert not on_cpu and per_face == pytest.approx(1 / (given or 4.0))
+    # a CPU restorer's measured time does take a core
+    tiny = PipelineConfig(src="a", dst="b", restorer=RestorerKind.TINY, restore_batch_size=1)
+    sampled = Sampled(images=2, faces=2, restore_measured=True, call_faces=[1, 1])
+    sampled.seconds["restore"] = 3.0
+    per_face, _, on_cpu = restore_cost(tiny, sampled, cpu_only, gpu_type="H100", mfu=0.35, faces_per_s=None,
+                                       slices=[1, 1])
+    assert on_cpu and per_face == pytest.approx(1.5)
