@@ -28,7 +28,7 @@ from tests.jobs.test_gpu_scheduling import face_archive  # noqa: E402
 
 
 def waits(stage: dict[str, Any]) -> str:
-    """A stage's waits between blocks (pipeline.graph.build.busy_table): count, median and 90th percentile."""
+    """A stage's waits between blocks (pipeline.graph.flight.busy_table): count, median and 90th percentile."""
     w = stage.get("waits") or {}
     return f"{w['count']}, {w['median_ms']:.0f} ms, {w['p90_ms']:.0f} ms" if w.get("count") else "-"
 

@@ -517,7 +517,7 @@ def _stats(p: UnitProgress, chain: list[dict[str, Any]], config_hash: str,
         "skipped_members": p.skipped_members,
         "config_hash": config_hash,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
-        # the run's stage actors up to this commit (pipeline.graph.build.busy_table): how much of their wall time they
+        # the run's stage actors up to this commit (pipeline.graph.flight.busy_table): how much of their wall time they
         # spent working; the restorers' share is what a GPU node is paid for
         "busy": busy or {},
     }

@@ -1,7 +1,8 @@
-"""Fast checks of the Ray wiring's plain parts (pipeline/graph/build.py), without starting Ray: the busy table every
-marker, summary and report carries, the block labels an actor death is reported with, the actor-pool strategies
-the pool rule turns into, and which errors count as a stage actor's death. The wiring itself runs end to end in
-the slow tests (tests/jobs/test_restore.py and the others that start Ray)."""
+"""Fast checks of the Ray wiring's plain parts (pipeline/graph/build.py, and the flight log of
+pipeline/graph/flight.py), without starting Ray: the busy table every marker, summary and report carries, the block
+labels an actor death is reported with, the actor-pool strategies the pool rule turns into, and which errors count as
+a stage actor's death. The wiring itself runs end to end in the slow tests (tests/jobs/test_restore.py and the others
+that start Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import schema as S
-from pipeline.graph import build
+from pipeline.graph import build, flight
 from pipeline.graph.capacity import StagePool
 
 
@@ -17,15 +18,15 @@ def test_busy_table_sums_a_stages_actors_and_leaves_out_fill_and_drain() -> None
     ready = {("restore", "a1"): 10.0, ("restore", "a2"): 20.0, ("detect", "d1"): 0.0}
     busy = {("restore", "a1"): 30.0, ("restore", "a2"): 15.0, ("detect", "d1"): 5.0}
     working = {("restore", "a1"): [12.0, 42.0], ("restore", "a2"): [22.0, 52.0]}  # detect never started a block
-    table = build.busy_table(ready, busy, now=60.0, working=working)
+    table = flight.busy_table(ready, busy, now=60.0, working=working)
     assert table["restore"] == {"actors": 2, "busy_s": 45.0, "wall_s": 90.0, "steady_s": 60.0,
                                 "fraction": 0.5, "steady_fraction": 0.75}
     assert table["detect"] == {"actors": 1, "busy_s": 5.0, "wall_s": 60.0, "steady_s": 0.0,
                                "fraction": round(5 / 60, 4), "steady_fraction": 0.0}
     # an actor whose clock reads busier than alive is capped at 1; one ready after `now` counts no wall time
-    capped = build.busy_table({("r", "x"): 0.0, ("r", "late"): 9.0}, {("r", "x"): 12.0}, now=8.0)
+    capped = flight.busy_table({("r", "x"): 0.0, ("r", "late"): 9.0}, {("r", "x"): 12.0}, now=8.0)
     assert capped["r"]["fraction"] == 1.0 and capped["r"]["wall_s"] == 8.0 and capped["r"]["actors"] == 2
-    assert build.busy_table({}, {}, now=1.0) == {}
+    assert flight.busy_table({}, {}, now=1.0) == {}
 
 
 def test_busy_table_says_how_the_time_between_blocks_was_spent() -> None:
@@ -35,7 +36,7 @@ def test_busy_table_says_how_the_time_between_blocks_was_spent() -> None:
     working = {("restore", "a"): [0.0, 10.0], ("restore", "b"): [0.0, 10.0], ("detect", "d"): [0.0, 10.0]}
     waits = {("restore", "a"): (12, 2.0, [0.01] * 8 + [1.0]), ("restore", "b"): (1, 0.02, [0.02]),
              ("gone", "x"): (3, 1.0, [0.3])}  # a stage no actor was ready in: left out
-    table = build.busy_table(ready, {("restore", "a"): 8.0}, now=10.0, working=working, waits=waits)
+    table = flight.busy_table(ready, {("restore", "a"): 8.0}, now=10.0, working=working, waits=waits)
     assert table["restore"]["waits"] == {"count": 13, "total_s": 2.02, "median_ms": 10.0, "p90_ms": 1000.0}
     assert "waits" not in table["detect"] and "gone" not in table
 
@@ -43,7 +44,7 @@ def test_busy_table_says_how_the_time_between_blocks_was_spent() -> None:
 def test_the_flight_log_counts_an_actors_waits_between_its_blocks() -> None:
     """FlightLog's own bookkeeping (its class body, without Ray): no wait before an actor's first block; the time
     from a block's end to the next block's start afterwards."""
-    log = build.FlightLog.__ray_actor_class__()  # the class as written, not the actor handle
+    log = flight.FlightLog()  # the class the FlightLog actor runs, without Ray
     log.ready("restore", "a")
     log.start("restore", "b1", "a")
     log.finish("restore", "b1", "a", busy_s=0.1)
