@@ -27,10 +27,12 @@ store, the write tasks running at once and the decoded pixels per block, which t
 Pools: :func:`pipeline.graph.capacity.plan_pools` sizes them from the cluster (:func:`cluster_pools`); explicit options
 win.
 
-``batch_size=None`` after the read (except where Ray requires a row count with GPUs): a stage takes the blocks the
-previous one made, whole. Caveat (ray 2.60): Ray Data merges what one task or call yields into one output block (up
-to its target block size), so the reader's blocks are cut again by the repartition, and detection's ``faces_block``
-slices may reach the restorer merged: the restorer pads each call to its batch size either way.
+``batch_size=None`` after the read: a stage takes the blocks the previous one made, whole. Where a stage asks for GPUs
+Ray requires a row count, and bundles blocks up to it before it calls: ``rows_per_block`` for the detectors (read
+blocks), ``faces_block`` for the restorers (the slices detection makes). Caveat (ray 2.60): Ray Data merges what one
+task or call yields into one output block (up to its target block size), so the reader's blocks are cut again by the
+repartition, and detection's ``faces_block`` slices may reach a CPU restorer merged: the restorer pads each call to
+its batch size either way.
 
 Failure bounds: Ray's defaults retry tasks and restart actors without limit, so a batch that always kills
 its actor would loop forever (NOTES.md). Here actors restart at most ``MAX_RESTARTS`` times, and the read and
@@ -357,8 +359,12 @@ def _face_stages(ds: ray.data.Dataset, cfg: PipelineConfig, flight: Any, pools: 
     ds = ds.map_batches(
         RestoreActor,
         fn_constructor_kwargs={"cfg": cfg, "flight": flight},
-        # as for the detectors; the restorer batches faces itself
-        batch_size=cfg.rows_per_block if pools.restore.gpus else None,
+        # Ray insists on a row count here too, and waits until a call's rows are in (it bundles blocks up to
+        # batch_size rows): faces_block rows, the most faces detection puts in a block, not rows_per_block. With
+        # rows_per_block (256) a GPU restorer waited for 256 faces before its first call and then took them in one:
+        # restore busy 0.70 steady on a simulated GPU at 16 faces/s (benchmarks/bench_capacity.py, 384 photos),
+        # 0.97 with this (4 runs of 5; 0.88 in the other).
+        batch_size=cfg.faces_block if pools.restore.gpus else None,
         batch_format="pyarrow",
         compute=_actor_pool(pools.restore, in_flight=max(1, cfg.restore_prefetch)),
         num_cpus=pools.restore.cpus,

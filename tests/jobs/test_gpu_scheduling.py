@@ -103,13 +103,18 @@ def capacity_run(tmp_path: Path, *args: str) -> dict[str, object]:
 @pytest.mark.slow
 def test_simulated_gpu_is_kept_busy_where_the_model_says_the_cpus_suffice(tmp_path: Path) -> None:
     """A simulated GPU at 4 faces/s on a cluster whose CPU side needs far fewer cores than it has: the model names
-    the restorer as the bottleneck, and the run keeps it >= 90% busy from its first block to its last."""
-    r = capacity_run(tmp_path, "--cpus", "2", "--gpus", "1", "--faces-per-s", "4")
+    the restorer as the bottleneck, and the run keeps it >= 90% busy from its first block to its last.
+
+    All 24 photos make one block of rows (--rows-per-block 64), and the GPU restorer takes them as detection slices
+    them, four faces a call: Ray bundles a GPU stage's blocks up to its batch size in rows before it calls, and with
+    rows_per_block as that size the restorer waited for every face and took them in one call."""
+    r = capacity_run(tmp_path, "--cpus", "2", "--gpus", "1", "--faces-per-s", "4", "--rows-per-block", "64")
     pred, busy = r["predicted"], r["busy"]
     assert isinstance(pred, dict) and isinstance(busy, dict), r
     assert pred["bottleneck"] == "restore" and pred["cpus_for_restore_busy_0_9"] < 2, pred
     assert r["faces"] == 24 and busy["restore"]["actors"] == 1, r
     assert busy["restore"]["steady_fraction"] >= 0.9, busy
+    assert busy["restore"].get("waits", {}).get("count", 0) >= 5, busy  # six calls of four faces, not one of 24
 
 
 @pytest.mark.slow
