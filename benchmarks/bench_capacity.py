@@ -2,6 +2,7 @@
 model predicted, at several GPU speeds (faces/s) for one CPU side.
 
     .venv/bin/python benchmarks/bench_capacity.py [--rates 2,4,8,16,64] [--cpus 2] [--gpus 1] [--shards 3 --images 8]
+        [--rows-per-block 256 --restore-batch-size 8 --faces-per-block 16] [--detect-actors N]
 
 Each rate is one ``run_restore`` with ``--restorer simulate`` on a simulated Ray cluster (tests/jobs/capacity_run.py:
 a head with ``--cpus`` CPUs, a node per fake GPU) over small one-face photos. Printed per rate: the model's
@@ -24,6 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.config import PipelineConfig  # noqa: E402
 from tests.jobs.test_gpu_scheduling import face_archive  # noqa: E402
 
 
@@ -40,17 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default="1")
     p.add_argument("--shards", type=int, default=3)
     p.add_argument("--images", type=int, default=8)
+    # the block sizes a run gets by default (PipelineConfig); tests/jobs/capacity_run.py's own defaults are the
+    # tests' small ones, whose calls are short enough for Ray's per-call cost to show
+    p.add_argument("--rows-per-block", type=int, default=PipelineConfig.rows_per_block)
+    p.add_argument("--restore-batch-size", type=int, default=PipelineConfig.restore_batch_size)
+    p.add_argument("--faces-per-block", type=int, default=2 * PipelineConfig.restore_batch_size)
+    p.add_argument("--detect-actors", default=None, help="a fixed detector pool (default: the pool rule's)")
     args = p.parse_args(argv)
+    blocks = ["--rows-per-block", str(args.rows_per_block), "--restore-batch-size", str(args.restore_batch_size),
+              "--faces-per-block", str(args.faces_per_block)]
+    if args.detect_actors:
+        blocks += ["--detect-actors", args.detect_actors]
     tmp = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     src = face_archive(tmp / "in", args.shards, args.images)
     print(f"{os.cpu_count()} cores here; simulated cluster: head {args.cpus} CPUs + {args.gpus} fake GPU node(s); "
-          f"{args.shards * args.images} one-face photos; load {os.getloadavg()[0]:.2f}\n")
+          f"{args.shards * args.images} one-face photos; blocks: {' '.join(blocks)}; load {os.getloadavg()[0]:.2f}\n")
     print("| GPU faces/s | model bottleneck | model restore busy | CPUs needed (90%) | measured restore busy (whole / "
           "steady) | restore waits: n, median, p90 | detect busy | detect waits: n, median, p90 | wall |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for rate in args.rates.split(","):
-        out = subprocess.run([sys.executable, "-m", "tests.jobs.capacity_run", src, str(tmp / f"out-{rate}"),
-                              "--cpus", args.cpus, "--gpus", args.gpus, "--faces-per-s", rate],
+    for i, rate in enumerate(args.rates.split(",")):
+        out = subprocess.run([sys.executable, "-m", "tests.jobs.capacity_run", src, str(tmp / f"out-{i}-{rate}"),
+                              "--cpus", args.cpus, "--gpus", args.gpus, "--faces-per-s", rate, *blocks],
                              capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
