@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     predicted = estimate(cfg, cluster=shape, sample_units_n=2, sample_images=8)  # before Ray: measured here
     # each node gets the object store `dr2 restore` gives a local Ray on this machine, as a real node has its own:
     # with 200 MiB each, blocks of production size (16 faces of 512x512, twice over after the restorer) stalled on
-    # Ray Data's object store budget (restore busy 0.56 steady at 16 faces/s, against 0.95 with this store)
+    # Ray Data's object store budget (restore busy 0.56 steady at 16 faces/s, against 0.95 with this store).
+    # CAP_STORE_MB=200 in the environment sets another size, to see that.
     node = {"object_store_memory": int(os.environ.get("CAP_STORE_MB", 0)) * 2**20
             or memory.object_store_bytes(cfg, memory.machine_memory()), "include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus, **node})
