@@ -2,7 +2,7 @@
 model predicted, at several GPU speeds (faces/s) for one CPU side.
 
     .venv/bin/python benchmarks/bench_capacity.py [--rates 2,4,8,16,64] [--cpus 2] [--gpus 1] [--shards 3 --images 8]
-        [--rows-per-block 256 --restore-batch-size 8 --faces-per-block 16] [--detect-actors N]
+        [--rows-per-block 256 --restore-batch-size 8 --faces-per-block 0] [--detect-actors N]
 
 Each rate is one ``run_restore`` with ``--restorer simulate`` on a simulated Ray cluster (tests/jobs/capacity_run.py:
 a head with ``--cpus`` CPUs, a node per fake GPU) over small one-face photos. Printed per rate: the model's
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     # tests' small ones, whose calls are short enough for Ray's per-call cost to show
     p.add_argument("--rows-per-block", type=int, default=PipelineConfig.rows_per_block)
     p.add_argument("--restore-batch-size", type=int, default=PipelineConfig.restore_batch_size)
-    p.add_argument("--faces-per-block", type=int, default=2 * PipelineConfig.restore_batch_size)
+    p.add_argument("--faces-per-block", type=int, default=PipelineConfig.faces_per_block,
+                   help="0 (default): 2 x --restore-batch-size, as PipelineConfig.faces_block resolves it")
     p.add_argument("--detect-actors", default=None, help="a fixed detector pool (default: the pool rule's)")
     args = p.parse_args(argv)
     blocks = ["--rows-per-block", str(args.rows_per_block), "--restore-batch-size", str(args.restore_batch_size),
